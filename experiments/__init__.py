@@ -1,0 +1,1 @@
+"""Config-driven experiments and benchmarks built on the public implicit_layers API."""

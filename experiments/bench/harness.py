@@ -1,0 +1,126 @@
+"""Timing, memory and reporting helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        info["cpu_model"] = names[0] if names else None
+    except OSError:
+        pass
+    return info
+
+
+def _sync(device: str | torch.device | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, device=None) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of all tensors that autograd saves for backward while ``fn()`` runs.
+
+    This is the memory a backward pass keeps alive, the quantity implicit differentiation
+    saves over unrolling, and it is measurable on CPU as well as CUDA.
+    """
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        key = id(t.untyped_storage()) if t.layout == torch.strided else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes() if t.layout == torch.strided else 0
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def ratio(ours: float, theirs: float | None) -> float | None:
+    if theirs is None or theirs == 0 or math.isnan(theirs):
+        return None
+    return ours / theirs
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, rows: list[dict], settings: dict, out_dir: Path = RESULTS) -> Path:
+    """Write ``NAME.json`` and ``NAME.md`` and print the table; return the markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    record = {"benchmark": name, "machine": machine, "settings": settings, "rows": rows,
+              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    table = markdown_table(rows)
+    md = (f"# Benchmark `{name}`\n\nMachine: {machine.get('cpu_model') or machine['processor']}, "
+          f"{machine['cpu_count']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads), CUDA: {machine['cuda']}\n\n"
+          f"Settings: `{json.dumps(settings, default=str)}`\n\n{table}\n")
+    path = out_dir / f"{name}.md"
+    path.write_text(md)
+    print(md)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return path

@@ -1,0 +1,23 @@
+"""implicit_layers: differentiable implicit layers for PyTorch.
+
+A layer's output ``y`` is defined by ``f(x, y) = 0``. The forward pass solves it with any
+solver outside the autograd graph; the backward pass solves ``(∂_y f)ᵀ w = ȳ`` and returns
+``x̄ = −(∂_x f)ᵀ w``; forward mode solves ``(∂_y f) ẏ = −(∂_x f) ẋ``.
+"""
+
+from implicit_layers import functional
+from implicit_layers.errors import (
+    ConvergenceError,
+    ConvergenceWarning,
+    ImplicitLayerError,
+    SingularSystemError,
+)
+from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
+
+# --- core (issue 2) ---
+# --- layers: equality QP (issue 3) ---
+# --- layers: Lyapunov (issue 4) ---
+# --- layers: DEQ (issue 5) ---
+# --- layers: QP (issue 7) ---
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,32 @@
+"""Exceptions and warnings raised by implicit_layers.
+
+Every failure that is specific to implicit layers subclasses :class:`ImplicitLayerError`.
+Malformed input (wrong shape, dtype or non-finite values) raises the built-in ``ValueError``
+with the offending argument named in the message.
+"""
+
+from __future__ import annotations
+
+
+class ImplicitLayerError(RuntimeError):
+    """Base class of every error specific to implicit layers."""
+
+
+class ConvergenceError(ImplicitLayerError):
+    """A forward or adjoint solve did not reach its tolerance (or produced non-finite iterates).
+
+    Attributes:
+        stats: the :class:`~implicit_layers.core.stats.SolverStats` of the failed solve, if any.
+    """
+
+    def __init__(self, message: str, stats=None):
+        super().__init__(message)
+        self.stats = stats
+
+
+class SingularSystemError(ImplicitLayerError):
+    """A linear system (a Jacobian, a KKT matrix, a Lyapunov operator) is singular or nearly so."""
+
+
+class ConvergenceWarning(UserWarning):
+    """Issued instead of :class:`ConvergenceError` when ``on_failure="warn"``."""
