@@ -45,6 +45,8 @@ class ImplicitFunction(torch.autograd.Function):
         result = problem.solver.solve(root, y0)
         problem.stats.forward = enforce(result.stats, problem.on_failure, "forward solve f(x, y) = 0")
         y = result.y
+        if any(y is t for t in (y0, *tensors)):  # autograd needs a fresh output tensor
+            y = y.clone()
         if result.aux is not None:  # e.g. a factorization at y*, for a custom adjoint
             key = problem.cache_key("forward_aux", (*xs, y, *params))
             if key is not None:

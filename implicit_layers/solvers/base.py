@@ -142,6 +142,7 @@ class IterationLog:
 
     def update(self, y: Tensor, fy: Tensor, active: Tensor, evaluations: int = 1) -> None:
         """Record one iteration of the samples in ``active``."""
+        check_finite_iterate(fy, self.solver.name, len(self.trace), "residual")
         self.evaluations += evaluations
         self.res = torch.where(active, self.problem.norm(fy), self.res)
         self.iterations = self.iterations + active.to(torch.int64)
