@@ -28,7 +28,19 @@ from implicit_layers.solvers.base import RootProblem
 
 
 class ImplicitFunction(torch.autograd.Function):
-    """``ImplicitFunction.apply(problem, y0, *xs, *params) → y`` with ``f(xs, y; params) = 0``."""
+    """``ImplicitFunction.apply(problem, y0, *xs, *params) → y`` with ``f(xs, y; params) = 0``.
+
+    The autograd Function behind :class:`ImplicitLayer`; use the layer unless you need to build
+    an :class:`~implicit_layers.core.problem.ImplicitProblem` by hand.
+
+    >>> import torch, implicit_layers as il
+    >>> from implicit_layers.core.problem import ImplicitProblem
+    >>> prob = ImplicitProblem(fn=lambda xs, y, ps: y * y - xs[0], n_x=1, event_ndim=0,
+    ...                        solver=il.Newton(), adjoint=il.DirectAdjoint())
+    >>> x = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
+    >>> y = il.ImplicitFunction.apply(prob, torch.ones(1, dtype=torch.float64), x)
+    >>> y, torch.autograd.grad(y.sum(), x)[0]           # sqrt(x), 1 / (2 sqrt(x))
+    (tensor([2.0000], dtype=torch.float64, grad_fn=<ImplicitFunctionBackward>), tensor([0.2500], dtype=torch.float64))"""
 
     @staticmethod
     def forward(problem: ImplicitProblem, y0: Tensor, *tensors: Tensor) -> Tensor:

@@ -71,6 +71,13 @@ class LUFactorization(Factorization):
 class LU(LinearSolver):
     """Partial-pivoting LU; the transposed solve reuses the same factors.
 
+    >>> import torch
+    >>> A = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> fac = LU().factor(A)
+    >>> fac.solve(torch.tensor([3.0, 1.0], dtype=torch.float64)), fac.solve(
+    ...     torch.tensor([2.0, 2.0], dtype=torch.float64), transpose=True)
+    (tensor([1., 1.], dtype=torch.float64), tensor([1., 1.], dtype=torch.float64))
+
     Args:
         rcond: pivot-ratio threshold below which the matrix counts as singular
             (default ``n · eps``).
@@ -97,7 +104,12 @@ class CholeskyFactorization(Factorization):
 
 
 class Cholesky(LinearSolver):
-    """Cholesky for symmetric positive definite operators; raises when not positive definite."""
+    """Cholesky for symmetric positive definite operators; raises when not positive definite.
+
+    >>> import torch
+    >>> A = torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64)
+    >>> Cholesky().factor(A).solve(torch.tensor([6.0, 5.0], dtype=torch.float64))
+    tensor([1.0000, 1.0000], dtype=torch.float64)"""
 
     def __init__(self, rcond: float | None = None):
         self.rcond = rcond
