@@ -54,14 +54,14 @@ def main(cfg) -> list[dict]:
         for name, method in (("implicit", implicit_newton), ("unrolled", unrolled_newton)):
             x = x0.clone().requires_grad_()
 
-            def step(method=method, x=x):
+            def step(method=method, x=x, iters=iters):
                 y = method(W, x, iters)
                 (g,) = torch.autograd.grad(y.pow(2).sum(), x)
                 return g
 
             grads[name] = step()
             times[name] = timeit(step, repeat=cfg.repeat)
-            mem[name] = saved_tensor_bytes(lambda method=method, x=x: method(W, x, iters))
+            mem[name] = saved_tensor_bytes(lambda method=method, x=x, k=iters: method(W, x, k))
         rows.append({
             "newton_iterations": iters,
             "implicit_ms": 1e3 * times["implicit"],

@@ -39,8 +39,8 @@ class ImplicitFunction(torch.autograd.Function):
     ...                        solver=il.Newton(), adjoint=il.DirectAdjoint())
     >>> x = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
     >>> y = il.ImplicitFunction.apply(prob, torch.ones(1, dtype=torch.float64), x)
-    >>> y, torch.autograd.grad(y.sum(), x)[0]           # sqrt(x), 1 / (2 sqrt(x))
-    (tensor([2.0000], dtype=torch.float64, grad_fn=<ImplicitFunctionBackward>), tensor([0.2500], dtype=torch.float64))"""
+    >>> y.detach(), torch.autograd.grad(y.sum(), x)[0]  # sqrt(x), 1 / (2 sqrt(x))
+    (tensor([2.0000], dtype=torch.float64), tensor([0.2500], dtype=torch.float64))"""
 
     @staticmethod
     def forward(problem: ImplicitProblem, y0: Tensor, *tensors: Tensor) -> Tensor:
