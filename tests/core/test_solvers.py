@@ -80,3 +80,22 @@ def test_property_random_linear_systems_all_adjoints(n, seed):
                         adjoint=adjoint)
         (grad,) = torch.autograd.grad(y.sum(), b)
         torch.testing.assert_close(grad, g_ref, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("solver", [il.Newton(), il.Broyden(), il.Picard()], ids=repr)
+def test_float32_solves_and_gradients(solver):
+    residual, (W, u), y0, ref = problems.tanh_equilibrium(batch=(3,), n=4)
+    W, u, y0 = W.float(), u.float().requires_grad_(), y0.float()
+    y = F.root_find(residual, (W, u), y0, solver=solver)
+    assert y.dtype == torch.float32
+    (g,) = torch.autograd.grad(y.sum(), u)
+    u64 = u.detach().double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ref(W.double(), u64).sum(), u64)
+    torch.testing.assert_close(g, g_ref.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_broyden_memory_budget_is_fixed():
+    residual, (W, u), y0, ref = problems.tanh_equilibrium(batch=(2,), n=30, rho=0.9)
+    result = il.Broyden(memory=3, init="identity").solve(RootProblem(lambda y: residual((W, u), y)), y0)
+    assert result.stats.all_converged and int(result.stats.iterations.max()) > 3
+    torch.testing.assert_close(result.y, ref(W, u), atol=1e-10, rtol=0)
