@@ -17,6 +17,8 @@ from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
 # --- core (issue 2) ---
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
+from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
+from implicit_layers.layers.sylvester import SylvesterLayer
 # --- layers: DEQ (issue 5) ---
 # --- layers: QP (issue 7) ---
 
