@@ -146,22 +146,68 @@ class SchurSylvester(SylvesterFactorization):
         return torch.from_numpy(np.ascontiguousarray(X)).to(device=self.device, dtype=self.dtype)
 
 
+#: quasi-triangular solves at most this large go straight to LAPACK trsyl (unblocked)
+TRSYL_BLOCK = 64
+
+
 def _trsyl_batched(Sa, Sb, C, trans_a: str, trans_b: str) -> np.ndarray:
     """``op(Sa) Y + Y op(Sb) = C`` for broadcast batches of quasi-triangular ``Sa, Sb``."""
     batch = np.broadcast_shapes(Sa.shape[:-2], Sb.shape[:-2], C.shape[:-2])
     Sa = np.broadcast_to(Sa, batch + Sa.shape[-2:])
     Sb = np.broadcast_to(Sb, batch + Sb.shape[-2:])
     C = np.broadcast_to(C, batch + C.shape[-2:])
-    (trsyl,) = get_lapack_funcs(("trsyl",), (C,))
     Y = np.empty(C.shape, dtype=C.dtype)
     for idx in np.ndindex(batch):
-        y, scale, info = trsyl(Sa[idx], Sb[idx], C[idx], trana=trans_a, tranb=trans_b)
-        if info < 0:
-            raise ValueError(f"LAPACK trsyl rejected argument {-info}")
-        if info == 1:
-            raise SingularSystemError(
-                "LAPACK trsyl: A and -B have (nearly) common eigenvalues; the Sylvester "
-                "operator is singular or nearly so"
-            )
-        Y[idx] = y / scale
+        Y[idx] = _trsyl_recursive(Sa[idx], Sb[idx], C[idx], trans_a == "T", trans_b == "T")
     return Y
+
+
+def _split(S: np.ndarray) -> int:
+    """A split point near the middle of quasi-triangular ``S`` that keeps 2×2 blocks whole."""
+    k = S.shape[-1] // 2
+    return k + 1 if S[k, k - 1] != 0 else k
+
+
+def _trsyl_recursive(Sa, Sb, C, ta: bool, tb: bool) -> np.ndarray:
+    """Recursive blocked Bartels–Stewart (Jonsson & Kågström): the off-diagonal coupling
+    becomes matrix products, and LAPACK ``trsyl`` only sees blocks of size ≤ TRSYL_BLOCK.
+
+    With ``op(Sa) = [[A11, A12], [0, A22]]`` (upper; transposed: lower) the block rows
+    decouple as ``A22 Y2 + Y2 op(Sb) = C2``, then ``A11 Y1 + Y1 op(Sb) = C1 − A12 Y2``
+    (lower: ``Y1`` first, then ``C2 − A12ᵀ Y1``); block columns of ``op(Sb)`` likewise.
+    """
+    n, m = Sa.shape[-1], Sb.shape[-1]
+    if max(n, m) <= TRSYL_BLOCK:
+        return _trsyl_base(Sa, Sb, C, ta, tb)
+    if n >= m:
+        k = _split(Sa)
+        A11, A12, A22 = Sa[:k, :k], Sa[:k, k:], Sa[k:, k:]
+        if ta:  # op(Sa) lower: first block row first
+            Y1 = _trsyl_recursive(A11, Sb, C[:k], ta, tb)
+            Y2 = _trsyl_recursive(A22, Sb, C[k:] - A12.T @ Y1, ta, tb)
+        else:
+            Y2 = _trsyl_recursive(A22, Sb, C[k:], ta, tb)
+            Y1 = _trsyl_recursive(A11, Sb, C[:k] - A12 @ Y2, ta, tb)
+        return np.concatenate([Y1, Y2], axis=0)
+    k = _split(Sb)
+    B11, B12, B22 = Sb[:k, :k], Sb[:k, k:], Sb[k:, k:]
+    if tb:  # op(Sb) lower: C[:, :k] = op(Sa) Y1 + Y1 B11ᵀ + Y2 B12ᵀ, so Y2 first
+        Y2 = _trsyl_recursive(Sa, B22, C[:, k:], ta, tb)
+        Y1 = _trsyl_recursive(Sa, B11, C[:, :k] - Y2 @ B12.T, ta, tb)
+    else:
+        Y1 = _trsyl_recursive(Sa, B11, C[:, :k], ta, tb)
+        Y2 = _trsyl_recursive(Sa, B22, C[:, k:] - Y1 @ B12, ta, tb)
+    return np.concatenate([Y1, Y2], axis=1)
+
+
+def _trsyl_base(Sa, Sb, C, ta: bool, tb: bool) -> np.ndarray:
+    (trsyl,) = get_lapack_funcs(("trsyl",), (C,))
+    y, scale, info = trsyl(Sa, Sb, C, trana="T" if ta else "N", tranb="T" if tb else "N")
+    if info < 0:
+        raise ValueError(f"LAPACK trsyl rejected argument {-info}")
+    if info == 1:
+        raise SingularSystemError(
+            "LAPACK trsyl: A and -B have (nearly) common eigenvalues; the Sylvester "
+            "operator is singular or nearly so"
+        )
+    return y / scale
