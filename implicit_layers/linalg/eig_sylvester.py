@@ -20,11 +20,7 @@ from torch import Tensor
 
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.dense import lu_factor
-from implicit_layers.linalg.sylvester_operator import (
-    SylvesterFactorization,
-    check_separation,
-    operator_eigvals,
-)
+from implicit_layers.linalg.sylvester_operator import SylvesterFactorization, check_separation
 
 
 class IllConditionedEigenbasis(SingularSystemError):
@@ -44,6 +40,10 @@ def default_max_cond(dtype: torch.dtype, n: int) -> float:
     return max(n, 1) * torch.finfo(dtype).eps ** -0.25
 
 
+def _frobenius2(M: Tensor) -> Tensor:
+    return torch.view_as_real(M).square().sum((-3, -2, -1))
+
+
 class EigFactor:
     """A batch of matrices ``M = V diag(λ) V⁻¹`` (complex ``V``, ``λ``)."""
 
@@ -57,7 +57,7 @@ class EigFactor:
         LU, piv = lu_factor(V)
         eye = torch.eye(n, dtype=V.dtype, device=V.device).expand_as(V)
         V_inv = torch.linalg.lu_solve(LU, piv, eye)
-        cond = torch.linalg.matrix_norm(V) * torch.linalg.matrix_norm(V_inv)
+        cond = (_frobenius2(V) * _frobenius2(V_inv)).sqrt()
         limit = max_cond if max_cond is not None else default_max_cond(M.dtype, n)
         bad = ~(cond <= limit)  # NaN counts as bad
         if bool(bad.any()):
@@ -92,8 +92,7 @@ class EigSylvester(SylvesterFactorization):
                rcond: float | None = None, max_cond: float | None = None) -> EigSylvester:
         a = EigFactor.compute(A.detach(), max_cond, "A")
         b = a.T if b_is_a_transposed else EigFactor.compute(B.detach(), max_cond, "B")
-        check_separation(a.eigvals, b.eigvals, kind, rcond)
-        return cls(a, b, kind, 1 / operator_eigvals(a.eigvals, b.eigvals, kind))
+        return cls(a, b, kind, 1 / check_separation(a.eigvals, b.eigvals, kind, rcond))
 
     @property
     def T(self) -> EigSylvester:

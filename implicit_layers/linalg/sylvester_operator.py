@@ -81,9 +81,15 @@ def operator_eigvals(lam_a: Tensor, lam_b: Tensor, kind: str) -> Tensor:
     return lam_a.unsqueeze(-1) * lam_b.unsqueeze(-2) - 1
 
 
-def check_separation(lam_a: Tensor, lam_b: Tensor, kind: str, rcond: float | None) -> None:
-    """Raise :class:`SingularSystemError` if ``L`` has an eigenvalue that is (nearly) zero.
+def _abs2(z: Tensor) -> Tensor:
+    """``|z|²`` without the square root (cheaper than ``abs`` on complex tensors)."""
+    return z.real.square() + z.imag.square() if z.is_complex() else z.square()
 
+
+def check_separation(lam_a: Tensor, lam_b: Tensor, kind: str, rcond: float | None) -> Tensor:
+    """The eigenvalues of ``L`` (:func:`operator_eigvals`), after checking none is (nearly) zero.
+
+    Raises :class:`SingularSystemError` if one is.
     ``L`` is singular iff ``λ_i + μ_j = 0`` (continuous) or ``λ_i μ_j = 1`` (stein) for some
     pair. The threshold is ``rcond`` times the operator's scale (``max|λ| + max|μ|``, resp.
     ``1 + max|λ| max|μ|``); ``rcond`` defaults to ``(n + m) · eps``.
@@ -92,8 +98,9 @@ def check_separation(lam_a: Tensor, lam_b: Tensor, kind: str, rcond: float | Non
     real_dtype = lam_a.real.dtype
     if rcond is None:
         rcond = default_rcond(real_dtype, n + m)
-    gap = operator_eigvals(lam_a, lam_b, kind).abs().flatten(-2).amin(-1)
-    top_a, top_b = lam_a.abs().amax(-1), lam_b.abs().amax(-1)
+    eigvals = operator_eigvals(lam_a, lam_b, kind)
+    gap = _abs2(eigvals).flatten(-2).amin(-1).sqrt()
+    top_a, top_b = _abs2(lam_a).amax(-1).sqrt(), _abs2(lam_b).amax(-1).sqrt()
     scale = top_a + top_b if kind == "continuous" else 1 + top_a * top_b
     bad = gap <= rcond * scale.clamp_min(torch.finfo(real_dtype).tiny)
     if bool(bad.any()):
@@ -104,3 +111,4 @@ def check_separation(lam_a: Tensor, lam_b: Tensor, kind: str, rcond: float | Non
             f"{float(gap.min()):.3e} vs threshold {rcond:.1e} × scale; the solution does not "
             f"exist or is not unique"
         )
+    return eigvals
