@@ -30,11 +30,11 @@ def lu_factor(A: Tensor) -> tuple[Tensor, Tensor]:
     risky = A.device.type == "cpu" and batched and n >= _UNSAFE_BATCHED_LU_SIZE
     if risky and torch.get_num_threads() > 1:
         flat = A.reshape(-1, n, n)
-        parts = [torch.linalg.lu_factor(M) for M in flat.unbind(0)]
+        parts = [torch.linalg.lu_factor_ex(M)[:2] for M in flat.unbind(0)]
         LU = torch.stack([p[0] for p in parts]).reshape(A.shape)
         piv = torch.stack([p[1] for p in parts]).reshape(*A.shape[:-1])
-    else:
-        LU, piv = torch.linalg.lu_factor(A)
+    else:  # exact zero pivots are reported by check_conditioning, not by torch
+        LU, piv, _ = torch.linalg.lu_factor_ex(A)
     if bool(((piv < 1) | (piv > n)).any()):  # the symptom of pytorch#142815
         raise RuntimeError("torch.linalg.lu_factor returned invalid pivots (pytorch#142815)")
     return LU, piv
