@@ -13,6 +13,8 @@ Every method computes ``P`` from ``A P + P Aᵀ + Q = 0`` and the gradients of
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import scipy.linalg as sla
 import torch
@@ -74,11 +76,17 @@ def rel_err(got, want) -> float:
 
 
 def compare(case, ours, peers, A, Q, P_bar, repeat, target):
-    """Time every method; ratios and gradient errors are against each peer in turn."""
+    """Time every method (median of ``repeat`` round-robin runs after one warm-up, which the
+    gradient computation below provides); ratios and gradient errors are against each peer."""
     rows = []
     grads = {name: forward_backward(fn, A, Q, P_bar) for name, fn in {**ours, **peers}.items()}
-    times = {name: timeit(lambda fn=fn: forward_backward(fn, A, Q, P_bar), repeat=repeat)
-             for name, fn in {**ours, **peers}.items()}
+    methods = {**ours, **peers}
+    samples = {name: [] for name in methods}
+    for _ in range(repeat):  # round robin, so that load from other processes hits all alike
+        for name, fn in methods.items():
+            samples[name].append(timeit(lambda fn=fn: forward_backward(fn, A, Q, P_bar),
+                                        repeat=1, warmup=0))
+    times = {name: statistics.median(ts) for name, ts in samples.items()}
     for peer in peers:
         for name in ours:
             rows.append({

@@ -58,9 +58,11 @@ class LazySylvesterFactors:
         return self if self.fac is None or self.fac.fits(A, B) else self.fresh()
 
     def get(self, A: Tensor, B: Tensor, C: Tensor) -> SylvesterFactorization:
-        if self.fac is None:  # the primal solve: validate the values the user passed
-            for name, t in zip(self.names, (A, B, C), strict=True):
-                if not bool(torch.isfinite(t).all()):
+        if self.fac is None:  # the primal solve: validate the values the user passed, here
+            # where they are plain tensors (also under vmap); B = Aᵀ needs no second look
+            todo = (True, not self.b_is_a_transposed, True)
+            for name, t, check in zip(self.names, (A, B, C), todo, strict=True):
+                if check and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{name} contains NaN or Inf")
             self.fac = factor_sylvester(
                 A, B, self.kind, backend=self.backend, b_is_a_transposed=self.b_is_a_transposed,
@@ -129,10 +131,13 @@ class SylvesterSolve(torch.autograd.Function):
 
 
 def check_sylvester_inputs(A: Tensor, B: Tensor, C: Tensor, names=("A", "B", "C")) -> None:
-    """``A (*, n, n)``, ``B (*, m, m)``, ``C (*, n, m)``: broadcastable batches, one dtype."""
+    """``A (*, n, n)``, ``B (*, m, m)``, ``C (*, n, m)``: broadcastable batches, one dtype.
+
+    NaN/Inf values are rejected (``ValueError`` naming the argument) when the solve runs.
+    """
     na, nb, nc = names
-    for name, t in zip(names, (A, B, C), strict=True):
-        check_tensor(name, t, min_ndim=2)
+    for name, t in zip(names, (A, B, C), strict=True):  # values: in LazySylvesterFactors.get
+        check_tensor(name, t, min_ndim=2, finite=False)
     for name, t in ((na, A), (nb, B)):
         if t.shape[-1] != t.shape[-2]:
             raise ValueError(f"{name} must be square (*, n, n), got shape {tuple(t.shape)}")

@@ -103,3 +103,11 @@ def test_common_eigenvalues_of_a_and_minus_b_are_singular(backend):
     B = torch.diag(torch.tensor([-2.0, 5.0], **f64))  # λ_2(A) + μ_1(B) = 0
     with pytest.raises(il.SingularSystemError, match=r"λ_i\(A\) \+ λ_j\(B\) ≈ 0"):
         F.sylvester(A, B, torch.ones(2, 2, **f64), backend=backend)
+
+
+@pytest.mark.parametrize("which", ["B", "C"])
+def test_non_finite_values_are_named(which):
+    A, B, C = problem((), 3, 2)
+    (B if which == "B" else C)[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{which} contains NaN or Inf"):
+        F.sylvester(A, B, C)
