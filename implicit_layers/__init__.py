@@ -23,6 +23,8 @@ from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSo
 
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
+from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
+from implicit_layers.layers.sylvester import SylvesterLayer
 # --- layers: DEQ (issue 5) ---
 # --- layers: QP (issue 7) ---
 

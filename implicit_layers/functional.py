@@ -40,5 +40,7 @@ def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=
 
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
+from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov  # noqa: E402, F401
+from implicit_layers.layers.sylvester import sylvester  # noqa: E402, F401
 # --- layers: DEQ (issue 5) ---
 # --- layers: QP (issue 7) ---
