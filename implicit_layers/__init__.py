@@ -16,6 +16,10 @@ from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
 
 # --- core (issue 2) ---
 # --- layers: equality QP (issue 3) ---
+from implicit_layers.layers.eq_qp import EqualityQPLayer
+from implicit_layers.layers.eq_qp_dense import DenseKKTBackend
+from implicit_layers.layers.eq_qp_osqp import OSQPBackend
+from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend
 # --- layers: Lyapunov (issue 4) ---
 # --- layers: DEQ (issue 5) ---
 # --- layers: QP (issue 7) ---
