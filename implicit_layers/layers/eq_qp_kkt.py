@@ -143,8 +143,14 @@ class LDLKKT(KKTFactors):
         n = p.shape[-1]
         batch = torch.broadcast_shapes(p.shape[:-1], q.shape[:-1])
         r = torch.cat([p.expand(*batch, n), q.expand(*batch, q.shape[-1])], dim=-1)
-        solve = lambda rhs: torch.linalg.ldl_solve(self.LD, self.pivots, rhs)  # noqa: E731
-        z = _columns(solve, self.LD.ndim - 2, r)
+        LD, piv = self.LD, self.pivots
+        if LD.ndim > 2 and LD.shape[:-2] != batch:  # ldl_solve's own broadcasting crashes
+            full = torch.broadcast_shapes(batch, LD.shape[:-2])
+            LD = LD.expand(*full, *LD.shape[-2:]).contiguous()
+            piv = piv.expand(*full, piv.shape[-1]).contiguous()
+            r = r.expand(*full, r.shape[-1])
+        solve = lambda rhs: torch.linalg.ldl_solve(LD, piv, rhs)  # noqa: E731
+        z = _columns(solve, LD.ndim - 2, r)
         return z[..., :n], z[..., n:]
 
 
