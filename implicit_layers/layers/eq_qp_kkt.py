@@ -157,7 +157,8 @@ class LDLKKT(KKTFactors):
 def factor_kkt(Q: Tensor, A: Tensor, method: str = "auto", rcond: float | None = None):
     """Factor ``[[Q, Aᵀ], [A, 0]]`` (Q symmetric) by ``method`` in {"auto", "schur", "ldl"}.
 
-    "auto" uses the Schur form when Q is safely positive definite and the LDLᵀ otherwise.
+    "auto" uses the Schur form when Q and A Q⁻¹Aᵀ are safely positive definite and the
+    LDLᵀ otherwise.
     Raises:
         SingularSystemError: K singular, or Q not positive definite on null(A) (or not
             positive definite at all with ``method="schur"``); the message says which.
@@ -169,17 +170,21 @@ def factor_kkt(Q: Tensor, A: Tensor, method: str = "auto", rcond: float | None =
         if method == "schur":
             LDLKKT.factor(Q, A, rcond)  # raises with the precise diagnosis if K is bad
             raise SingularSystemError(
-                "factorization='schur' needs Q positive definite (Cholesky failed); use "
-                "'auto' or 'ldl' when Q is only positive definite on the null space of A")
+                "factorization='schur' needs Q and A Q⁻¹Aᵀ safely positive definite (a "
+                "Cholesky failed or is too ill-conditioned); use 'auto' or 'ldl' when Q is "
+                "only positive definite on the null space of A")
     return LDLKKT.factor(Q, A, rcond)
 
 
 def _safe_cholesky(S: Tensor, rcond: float | None) -> Tensor | None:
+    """Cholesky factor of S, or None when it fails or S looks worse conditioned than
+    ``rcond`` (default √eps: a singular PSD matrix still gives pivots of order √eps, and the
+    Schur route squares the conditioning; the LDLᵀ of K is then the safer route)."""
     L, info = torch.linalg.cholesky_ex(S)
     if bool((info > 0).any()):
         return None
-    rcond = rcond if rcond is not None else default_rcond(S.dtype, S.shape[-1])
-    try:  # cond(S) = cond(L)²: compare squared pivots
+    rcond = rcond if rcond is not None else torch.finfo(S.dtype).eps ** 0.5
+    try:  # cond(S) ≥ (max/min pivot)²: compare squared pivots
         check_conditioning(L.diagonal(dim1=-2, dim2=-1) ** 2, rcond, "S")
     except SingularSystemError:
         return None

@@ -74,8 +74,8 @@ class OSQPBackend:
     def __init__(self, eps_abs: float = 1e-10, eps_rel: float = 1e-10, max_iter: int = 20000,
                  warm_start: bool = True, on_failure: str = "raise", refine: int = 1, **settings):
         self.on_failure = check_policy(on_failure)
-        self.settings = dict(eps_abs=eps_abs, eps_rel=eps_rel, max_iter=max_iter,
-                             verbose=False, polishing=True, **settings)
+        self.settings = {"verbose": False, "polishing": True, **settings,
+                         "eps_abs": eps_abs, "eps_rel": eps_rel, "max_iter": max_iter}
         self.warm_start, self.refine = warm_start, refine
         self._previous: tuple[np.ndarray, np.ndarray] | None = None
         self.stats: SolverStats | None = None

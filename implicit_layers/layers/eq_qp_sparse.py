@@ -159,6 +159,17 @@ class SparseKKTBackend:
         self.delta, self.max_refine = delta, max_refine
 
     def __call__(self, Q, c: Tensor, A, b: Tensor) -> tuple[Tensor, Tensor]:
+        Qv, Av, problem = self.prepare(Q, c, A, b)
+        return self.solve(Qv, c, Av, b, problem)
+
+    @staticmethod
+    def solve(Qv: Tensor, c: Tensor, Av: Tensor, b: Tensor, problem) -> tuple[Tensor, Tensor]:
+        """The differentiable solve on the stored values of Q and A (forward mode through
+        the values works here; torch's sparse constructors lack forward-mode support)."""
+        return _SparseKKTSolve.apply(Qv, Av, -c, b, problem)
+
+    def prepare(self, Q, c: Tensor, A, b: Tensor):
+        """Check the inputs and factor the KKT matrix: ``(Q values, A values, problem)``."""
         check_tensor("c", c, min_ndim=1)
         check_tensor("b", b, min_ndim=1)
         check_same_dtype_device({"c": c, "b": b})
@@ -178,7 +189,7 @@ class SparseKKTBackend:
         Qs, As = Q_pat.scipy(Qv), A_pat.scipy(Av)
         K = sp.bmat([[(Qs + Qs.T) / 2, As.T], [As, None]], format="csc")
         fac = _factor_or_diagnose(K, As, n, self.delta, self.max_refine)
-        return _SparseKKTSolve.apply(Qv, Av, -c, b, _SparseProblem(Q_pat, A_pat, fac))
+        return Qv, Av, _SparseProblem(Q_pat, A_pat, fac)
 
 
 def _factor_or_diagnose(K, A, n: int, delta: float, max_refine: int) -> SparseSaddleLDL:
