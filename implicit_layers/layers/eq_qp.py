@@ -35,10 +35,9 @@ BACKENDS = {"dense": DenseKKTBackend, "sparse": SparseKKTBackend, "osqp": OSQPBa
 def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor) -> None:
     """Shapes ``Q (*, n, n)``, ``c (*, n)``, ``A (*, m, n)``, ``b (*, m)`` with broadcastable
     batch dims, one floating dtype and device, finite values; ValueError naming the argument."""
-    check_tensor("Q", Q, min_ndim=2)
-    check_tensor("c", c, min_ndim=1)
-    check_tensor("A", A, min_ndim=2)
-    check_tensor("b", b, min_ndim=1)
+    for name, t, ndim in (("Q", Q, 2), ("c", c, 1), ("A", A, 2), ("b", b, 1)):
+        check_tensor(name, t, min_ndim=ndim, finite=False)
+        _check_finite(name, t)
     check_same_dtype_device({"Q": Q, "c": c, "A": A, "b": b})
     n, m = Q.shape[-1], A.shape[-2]
     if Q.shape[-2] != n:
@@ -57,6 +56,14 @@ def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor) -> None:
         raise ValueError(
             f"batch dims do not broadcast: Q {tuple(Q.shape[:-2])}, c {tuple(c.shape[:-1])}, "
             f"A {tuple(A.shape[:-2])}, b {tuple(b.shape[:-1])}") from err
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    """NaN/Inf check in one reduction: any NaN/Inf makes the sum non-finite; only then (or on
+    an overflowing sum) is the exact elementwise check run. Skipped inside torch.func."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t) or bool(torch.isfinite(t.sum())):
+        return
+    check_tensor(name, t)
 
 
 class EqualityQPLayer(nn.Module):

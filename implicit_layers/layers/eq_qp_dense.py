@@ -6,8 +6,9 @@ solves ``K (x; λ) = (p; q)`` with those factors, and its backward and JVP call 
 factors again: the forward factorization is the only one, however many times (and to
 whatever order) the result is differentiated. The QP is ``p = −c, q = b``.
 
-Q is read as its symmetric part ``sym(Q) = (Q + Qᵀ)/2`` and so receives symmetric
-gradients. Torch ops only: runs on CPU and CUDA.
+Q is read as its symmetric part ``sym(Q) = (Q + Qᵀ)/2``: the factorization is of sym(Q),
+products use ``sym(Q) v = (Qv + Qᵀv)/2`` (no symmetrized copy), and the gradient of Q is
+symmetric. Torch ops only: runs on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -16,19 +17,20 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from implicit_layers.layers.eq_qp_kkt import KKTFactors, factor_kkt, kkt_matvec
+from implicit_layers.layers.eq_qp_kkt import KKTFactors, factor_kkt, kkt_matvec, sym_matvec
 
 #: event ndims of (Q, A, p, q)
 _EVENT = (2, 2, 1, 1)
 
 
 def sym(Q: Tensor) -> Tensor:
-    return (Q + Q.mT) / 2
+    """``(Q + Qᵀ)/2`` (not differentiable: used only to factor)."""
+    return torch.add(Q, Q.mT).mul_(0.5)
 
 
 def solve_refined(fac: KKTFactors, Q: Tensor, A: Tensor, p: Tensor, q: Tensor, refine: int):
     """Solve ``K z = (p; q)`` with ``refine`` steps of iterative refinement
-    ``z ← z + K⁻¹((p; q) − K z)`` (Q symmetric)."""
+    ``z ← z + K⁻¹((p; q) − K z)`` (Q read as sym(Q))."""
     x, lam = fac.solve(p, q)
     for _ in range(refine):
         Kx, Kl = kkt_matvec(Q, A, x, lam)
@@ -51,11 +53,12 @@ def align_for_vmap(batch_size: int, in_dims, tensors, event_ndims):
     return out
 
 
-def _outer_sum(u: Tensor, v: Tensor, shape) -> Tensor:
-    """``Σ u vᵀ`` over the batch dims that ``shape`` does not have (broadcast inputs)."""
-    if len(shape) == 2 and u.ndim > 1:  # one matrix shared by the batch: a single GEMM
-        return u.reshape(-1, u.shape[-1]).mT @ v.reshape(-1, v.shape[-1])
-    return (u.unsqueeze(-1) * v.unsqueeze(-2)).sum_to_size(shape)
+def _outer_sum(U: Tensor, V: Tensor, shape) -> Tensor:
+    """``Σ_k U[..., k] V[..., k]ᵀ`` for stacked vectors ``U (*, r, k)``, ``V (*, c, k)``,
+    summed over the batch dims that ``shape`` does not have (broadcast inputs)."""
+    if len(shape) == 2 and U.ndim > 2:  # one matrix shared by the batch: a single GEMM
+        return U.movedim(-2, 0).flatten(1) @ V.movedim(-2, 0).flatten(1).mT
+    return (U @ V.mT).sum_to_size(shape)
 
 
 class _FactorKKT(Function):
@@ -91,7 +94,7 @@ class _FactoredKKTSolve(Function):
 
     @staticmethod
     def forward(refine, Q, A, p, q, *factors):
-        return solve_refined(KKTFactors.from_tensors(factors), sym(Q), A, p, q, refine)
+        return solve_refined(KKTFactors.from_tensors(factors), Q, A, p, q, refine)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -102,11 +105,12 @@ class _FactoredKKTSolve(Function):
         ctx.save_for_forward(Q, A, x, lam, *factors)
 
     # Pullback. z = (x; λ) = K⁻¹r with r = (p; q) and K symmetric. Perturbing,
-    #   K ż = ṙ − K̇ z,   K̇ z = (Q̇x + Ȧᵀλ; Ȧx)   (Q̇ symmetric, since Q is read as sym(Q)).
+    #   K ż = ṙ − K̇ z,   K̇ z = (Q̇x + Ȧᵀλ; Ȧx)   (Q̇ symmetric: Q is read as sym(Q)).
     # For adjoints z̄ = (x̄; λ̄) let w = (w_x; w_λ) = K⁻ᵀ z̄ = K⁻¹ z̄ (the same factors). Then
     #   ⟨z̄, ż⟩ = ⟨w, ṙ − K̇z⟩ = ⟨w_x, ṗ⟩ + ⟨w_λ, q̇⟩ − ⟨w_x xᵀ, Q̇⟩ − ⟨w_x λᵀ + x w_λᵀ, Ȧᵀ⟩
-    # so p̄ = w_x, q̄ = w_λ, Q̄ = −sym(w_x xᵀ), Ā = −(w_λ xᵀ + λ w_xᵀ), each summed over the
-    # batch dims its input was broadcast along. w comes from this Function again, so the
+    # so p̄ = w_x, q̄ = w_λ, Q̄ = −½(w_x xᵀ + x w_xᵀ) (the symmetric part: Q̇ is symmetric),
+    # Ā = −(w_λ xᵀ + λ w_xᵀ), each summed over the batch dims its input was broadcast along;
+    # both are one rank-2 GEMM. w comes from this Function again, so the
     # backward is itself differentiable (double backward) and reuses the factors.
     @staticmethod
     def backward(ctx, x_bar, lam_bar):
@@ -116,17 +120,17 @@ class _FactoredKKTSolve(Function):
         w_x, w_l = _FactoredKKTSolve.apply(ctx.refine, Q, A, x_bar, lam_bar, *factors)
         Q_bar = A_bar = p_bar = q_bar = None
         if need[1]:
-            G = _outer_sum(w_x, x, Q_shape)
-            Q_bar = -(G + G.mT) / 2
+            Q_bar = _outer_sum(torch.stack([w_x, x], -1) * -0.5, torch.stack([x, w_x], -1),
+                               Q_shape)
         if need[2]:
-            A_bar = -(_outer_sum(w_l, x, A_shape) + _outer_sum(lam, w_x, A_shape))
+            A_bar = _outer_sum(-torch.stack([w_l, lam], -1), torch.stack([x, w_x], -1), A_shape)
         if need[3]:
             p_bar = w_x.sum_to_size(p_shape)
         if need[4]:
             q_bar = w_l.sum_to_size(q_shape)
         return (None, Q_bar, A_bar, p_bar, q_bar) + (None,) * len(factors)
 
-    # Pushforward: ż = K⁻¹(ṙ − K̇z) = K⁻¹(ṗ − sym(Q̇)x − Ȧᵀλ; q̇ − Ȧx), with the same factors.
+    # Pushforward: ż = K⁻¹(ṙ − K̇z) = K⁻¹(ṗ − Q̇x − Ȧᵀλ; q̇ − Ȧx), with the same factors.
     @staticmethod
     def jvp(ctx, _refine, Q_dot, A_dot, p_dot, q_dot, *_factors):
         Q, A, x, lam, *factors = ctx.saved_tensors
@@ -136,12 +140,12 @@ class _FactoredKKTSolve(Function):
         if q_dot is not None:
             rq = rq + q_dot
         if Q_dot is not None:
-            rx = rx - (sym(Q_dot) @ x.unsqueeze(-1)).squeeze(-1)
+            rx = rx - sym_matvec(Q_dot, x)
         if A_dot is not None:
             rx = rx - (A_dot.mT @ lam.unsqueeze(-1)).squeeze(-1)
             rq = rq - (A_dot @ x.unsqueeze(-1)).squeeze(-1)
         fac = KKTFactors.from_tensors(factors)
-        return solve_refined(fac, sym(Q), A, rx, rq, ctx.refine)
+        return solve_refined(fac, Q, A, rx, rq, ctx.refine)
 
     @staticmethod
     def vmap(info, in_dims, refine, Q, A, p, q, *factors):
@@ -161,7 +165,7 @@ class DenseKKTBackend:
     Args:
         factorization: "auto" (Schur if Q is PD, else LDLᵀ), "schur" or "ldl".
         refine: steps of iterative refinement applied to every solve (forward, adjoint,
-            tangent); 1 (default) brings ill-conditioned problems to ~machine precision.
+            tangent); default 0; 1–2 bring ill-conditioned problems to ~machine precision.
         rcond: pivot-ratio threshold for singularity (default ``N · eps``).
 
     >>> import torch
@@ -174,7 +178,7 @@ class DenseKKTBackend:
 
     name = "dense"
 
-    def __init__(self, factorization: str = "auto", refine: int = 1, rcond: float | None = None):
+    def __init__(self, factorization: str = "auto", refine: int = 0, rcond: float | None = None):
         if factorization not in ("auto", "schur", "ldl"):
             raise ValueError(
                 f"factorization must be 'auto', 'schur' or 'ldl', got {factorization!r}")

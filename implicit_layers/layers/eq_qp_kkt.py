@@ -37,9 +37,15 @@ def kkt_matrix(Q: Tensor, A: Tensor) -> Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
+def sym_matvec(Q: Tensor, v: Tensor) -> Tensor:
+    """``sym(Q) v = (Qv + Qᵀv)/2`` without forming sym(Q)."""
+    V = v.unsqueeze(-1)
+    return ((Q @ V + Q.mT @ V) * 0.5).squeeze(-1)
+
+
 def kkt_matvec(Q: Tensor, A: Tensor, x: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """``K (x; λ) = (Qx + Aᵀλ; Ax)`` on batches of vectors (Q already symmetric)."""
-    Qx = (Q @ x.unsqueeze(-1)).squeeze(-1)
+    """``K (x; λ) = (sym(Q)x + Aᵀλ; Ax)`` on batches of vectors."""
+    Qx = sym_matvec(Q, x)
     Atl = (A.mT @ lam.unsqueeze(-1)).squeeze(-1)
     return Qx + Atl, (A @ x.unsqueeze(-1)).squeeze(-1)
 
