@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from implicit_layers.layers.eq_qp_kkt import KKTFactors, factor_kkt, kkt_matvec, sym_matvec
+from implicit_layers.layers.eq_qp_kkt import KKTFactors, factor_kkt, kkt_matvec, tangent_rhs
 
 #: event ndims of (Q, A, p, q)
 _EVENT = (2, 2, 1, 1)
@@ -134,16 +134,7 @@ class _FactoredKKTSolve(Function):
     @staticmethod
     def jvp(ctx, _refine, Q_dot, A_dot, p_dot, q_dot, *_factors):
         Q, A, x, lam, *factors = ctx.saved_tensors
-        rx, rq = torch.zeros_like(x), torch.zeros_like(lam)
-        if p_dot is not None:
-            rx = rx + p_dot
-        if q_dot is not None:
-            rq = rq + q_dot
-        if Q_dot is not None:
-            rx = rx - sym_matvec(Q_dot, x)
-        if A_dot is not None:
-            rx = rx - (A_dot.mT @ lam.unsqueeze(-1)).squeeze(-1)
-            rq = rq - (A_dot @ x.unsqueeze(-1)).squeeze(-1)
+        rx, rq = tangent_rhs(x, lam, p_dot, q_dot, Q_dot, A_dot)
         fac = KKTFactors.from_tensors(factors)
         return solve_refined(fac, Q, A, rx, rq, ctx.refine)
 

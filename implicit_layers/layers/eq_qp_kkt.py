@@ -50,6 +50,28 @@ def kkt_matvec(Q: Tensor, A: Tensor, x: Tensor, lam: Tensor) -> tuple[Tensor, Te
     return Qx + Atl, (A @ x.unsqueeze(-1)).squeeze(-1)
 
 
+def dense_matvec(M: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
+    return ((M.mT if transpose else M) @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def tangent_rhs(x, lam, p_dot, q_dot, Q_dot, A_dot, sym_matvec=sym_matvec, matvec=dense_matvec):
+    """``(ṗ − sym(Q̇)x − Ȧᵀλ; q̇ − Ȧx)``, the right-hand side of the tangent KKT system;
+    absent (None) tangents contribute nothing. ``sym_matvec(Q̇, v)`` and
+    ``matvec(Ȧ, v, transpose)`` apply tangents in the caller's storage (dense matrices, or
+    values on a sparse pattern)."""
+    rx, rq = torch.zeros_like(x), torch.zeros_like(lam)
+    if p_dot is not None:
+        rx = rx + p_dot
+    if q_dot is not None:
+        rq = rq + q_dot
+    if Q_dot is not None:
+        rx = rx - sym_matvec(Q_dot, x)
+    if A_dot is not None:
+        rx = rx - matvec(A_dot, lam, True)
+        rq = rq - matvec(A_dot, x, False)
+    return rx, rq
+
+
 def _columns(solve, fac_batch_ndim: int, rhs: Tensor) -> Tensor:
     """Apply ``solve`` to vectors ``rhs (*batch, N)``; an unbatched factor sees one matrix
     whose columns are all the right-hand sides (one BLAS-3 call instead of many)."""

@@ -21,6 +21,7 @@ from torch.autograd import Function
 
 from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.errors import SingularSystemError
+from implicit_layers.layers.eq_qp_kkt import tangent_rhs
 from implicit_layers.linalg.sparse import SparseSaddleLDL
 
 
@@ -120,16 +121,8 @@ class _SparseKKTSolve(Function):
     def jvp(ctx, Qv_dot, Av_dot, p_dot, q_dot, _prob):
         Qv, Av, x, lam = ctx.saved_tensors
         prob = ctx.prob
-        rx, rq = torch.zeros_like(x), torch.zeros_like(lam)
-        if p_dot is not None:
-            rx = rx + p_dot
-        if q_dot is not None:
-            rq = rq + q_dot
-        if Qv_dot is not None:
-            rx = rx - prob.sym_matvec(Qv_dot, x)
-        if Av_dot is not None:
-            rx = rx - prob.A.matvec(Av_dot, lam, transpose=True)
-            rq = rq - prob.A.matvec(Av_dot, x)
+        rx, rq = tangent_rhs(x, lam, p_dot, q_dot, Qv_dot, Av_dot,
+                             sym_matvec=prob.sym_matvec, matvec=prob.A.matvec)
         return prob.solve(rx, rq)
 
 

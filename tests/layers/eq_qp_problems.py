@@ -47,3 +47,17 @@ def kkt_residual(Q, c, A, b, x, lam):
     stat = (Qs @ x.unsqueeze(-1)).squeeze(-1) + c + (A.mT @ lam.unsqueeze(-1)).squeeze(-1)
     prim = (A @ x.unsqueeze(-1)).squeeze(-1) - b
     return max(float(stat.abs().max()), float(prim.abs().max()))
+
+
+def count_calls(monkeypatch, names) -> dict:
+    """Count calls of the named ``torch.linalg`` functions (factorizations) from now on."""
+    calls = {"n": 0}
+    for name in names:
+        original = getattr(torch.linalg, name)
+
+        def counting(*args, _original=original, **kwargs):
+            calls["n"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counting)
+    return calls

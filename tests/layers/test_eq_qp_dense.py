@@ -8,7 +8,7 @@ from torch.autograd import forward_ad, gradcheck, gradgradcheck
 
 import implicit_layers as il
 from implicit_layers import functional as F
-from tests.layers.eq_qp_problems import DT, kkt_residual, random_qp, reference
+from tests.layers.eq_qp_problems import DT, count_calls, kkt_residual, random_qp, reference
 
 FACTORIZATIONS = ["schur", "ldl"]
 # forward_ad's internals trigger torch's own deprecation warning of torch.jit.script
@@ -152,15 +152,8 @@ def test_vmap_equals_batched_call(factorization):
 
 @pytest.mark.parametrize("factorization", FACTORIZATIONS)
 def test_factorization_is_computed_once(monkeypatch, factorization):
-    calls = {"n": 0}
-    for name in ("cholesky_ex", "ldl_factor_ex", "lu_factor", "lu_factor_ex", "solve", "inv"):
-        original = getattr(torch.linalg, name)
-
-        def counting(*args, _original=original, **kwargs):
-            calls["n"] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(torch.linalg, name, counting)
+    names = ("cholesky_ex", "ldl_factor_ex", "lu_factor", "lu_factor_ex", "solve", "inv")
+    calls = count_calls(monkeypatch, names)
     Q, c, A, b = random_qp((2,), n=5, m=2)
     inputs = [t.clone().requires_grad_() for t in (Q, c, A, b)]
     x, lam = layer(factorization)(*inputs)

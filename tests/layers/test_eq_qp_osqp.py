@@ -7,7 +7,7 @@ import torch
 from torch.autograd import forward_ad
 
 import implicit_layers as il
-from tests.layers.eq_qp_problems import DT, random_qp
+from tests.layers.eq_qp_problems import DT, count_calls, random_qp
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -61,15 +61,7 @@ def test_warm_start_reduces_iterations():
 
 
 def test_backward_reuses_the_forward_factorization(monkeypatch):
-    calls = {"n": 0}
-    for name in ("cholesky_ex", "ldl_factor_ex"):
-        original = getattr(torch.linalg, name)
-
-        def counting(*args, _original=original, **kwargs):
-            calls["n"] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(torch.linalg, name, counting)
+    calls = count_calls(monkeypatch, ("cholesky_ex", "ldl_factor_ex"))
     Q, c, A, b = random_qp((2,), n=5, m=2)
     x, lam = il.EqualityQPLayer("osqp")(Q, c, A, b)  # no gradient needed: no factorization
     assert calls["n"] == 0
