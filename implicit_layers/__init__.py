@@ -22,6 +22,10 @@ from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
 from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSolver, ScipyRoot, SolveResult
 
 # --- layers: equality QP (issue 3) ---
+from implicit_layers.layers.eq_qp import EqualityQPLayer
+from implicit_layers.layers.eq_qp_dense import DenseKKTBackend
+from implicit_layers.layers.eq_qp_osqp import OSQPBackend
+from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend
 # --- layers: Lyapunov (issue 4) ---
 from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
 from implicit_layers.layers.sylvester import SylvesterLayer

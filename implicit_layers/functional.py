@@ -39,6 +39,13 @@ def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=
 
 
 # --- layers: equality QP (issue 3) ---
+def eq_qp(Q, c, A, b, *, backend="auto"):
+    """``min ½xᵀQx + cᵀx s.t. Ax = b`` -> ``(x, λ)``; see :class:`EqualityQPLayer`."""
+    from implicit_layers.layers.eq_qp import EqualityQPLayer
+
+    return EqualityQPLayer(backend)(Q, c, A, b)
+
+
 # --- layers: Lyapunov (issue 4) ---
 from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov  # noqa: E402, F401
 from implicit_layers.layers.sylvester import sylvester  # noqa: E402, F401
