@@ -6,15 +6,21 @@ solver outside the autograd graph; the backward pass solves ``(∂_y f)ᵀ w = �
 """
 
 from implicit_layers import functional
+
+# --- core (issue 2) ---
+from implicit_layers.core.adjoint import Adjoint, DirectAdjoint, FixedPointAdjoint, KrylovAdjoint
+from implicit_layers.core.implicit import ImplicitFunction, ImplicitLayer
+from implicit_layers.core.stats import LayerStats, SolverStats
 from implicit_layers.errors import (
     ConvergenceError,
     ConvergenceWarning,
     ImplicitLayerError,
     SingularSystemError,
 )
+from implicit_layers.layers.root_find import RootFindLayer
 from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
+from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSolver, ScipyRoot
 
-# --- core (issue 2) ---
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
 # --- layers: DEQ (issue 5) ---

@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import copy
+
 # --- core (issue 2) ---
+from implicit_layers.layers.root_find import RootFindLayer
+from implicit_layers.solvers.newton import Newton
+
+
+def with_budget(solver, tol=None, max_iter=None):
+    """A copy of ``solver`` with ``tol``/``max_iter`` overridden where given."""
+    if tol is None and max_iter is None:
+        return solver
+    solver = copy.copy(solver)
+    if tol is not None:
+        solver.tol = solver.rtol = tol
+    if max_iter is not None:
+        solver.max_iter = max_iter
+    return solver
+
+
+def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=None,
+              on_failure="raise", event_ndim=1):
+    """Solve ``residual(x, y) = 0`` from ``y0``, differentiably in ``x``.
+
+    ``tol`` sets both the absolute and relative tolerance of the solver (default: Newton's).
+    See :class:`~implicit_layers.RootFindLayer` for the other arguments.
+
+    >>> import torch
+    >>> x = torch.tensor([4.0, 9.0], dtype=torch.float64)
+    >>> root_find(lambda x, y: y * y - x, x, torch.ones(2, dtype=torch.float64))
+    tensor([2., 3.], dtype=torch.float64)
+    """
+    solver = with_budget(solver if solver is not None else Newton(), tol, max_iter)
+    layer = RootFindLayer(residual, solver, adjoint, event_ndim=event_ndim, on_failure=on_failure)
+    return layer(x, y0)
+
+
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
 # --- layers: DEQ (issue 5) ---

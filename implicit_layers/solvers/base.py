@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import SolverStats
+from implicit_layers.core.stats import SolverStats, check_finite_iterate
 
 
 @dataclass
@@ -124,6 +124,10 @@ class IterationLog:
     and the converged mask (samples are frozen once converged)."""
 
     def __init__(self, solver: RootSolver, problem: RootProblem, y: Tensor, fy: Tensor):
+        if fy.shape != y.shape:
+            raise ValueError(
+                f"residual returned shape {tuple(fy.shape)}, expected y's shape {tuple(y.shape)}")
+        check_finite_iterate(fy, solver.name, 0, "residual at the initial guess")
         self.solver, self.problem, self.dtype = solver, problem, y.dtype
         self.trace: list[Tensor] = []
         self.evaluations = 1

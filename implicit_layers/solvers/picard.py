@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from implicit_layers.core.stats import check_finite_iterate
-from implicit_layers.solvers.base import IterationLog, RootProblem, RootSolver, SolveResult, where_active
+from implicit_layers.solvers.base import (
+    IterationLog,
+    RootProblem,
+    RootSolver,
+    SolveResult,
+    where_active,
+)
 
 
 class Picard(RootSolver):

@@ -1,0 +1,124 @@
+"""How the linear systems of the backward and forward-mode passes are solved.
+
+At a solution ``y*`` of ``f(x, y) = 0`` with ``J = ∂f/∂y``:
+
+* reverse mode solves ``Jᵀ w = ȳ`` (``transpose=True``), then ``x̄ = −(∂f/∂x)ᵀ w``;
+* forward mode solves ``J ẏ = −(∂f/∂x) ẋ`` (``transpose=False``).
+
+An :class:`Adjoint` only solves these systems numerically; making the solve differentiable
+(double backward) is the job of :class:`~implicit_layers.core.linear_solve.LinearSolve`, so
+every adjoint here supports ``gradgradcheck``. A layer that already holds a factorization of
+``J`` from its forward solve supplies its own adjoint that reads it from ``lin.aux``.
+
+>>> import implicit_layers as il
+>>> adj = il.KrylovAdjoint(il.GMRES(rtol=1e-10))   # matrix-free, for large y
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from implicit_layers.core.linearization import Linearization
+from implicit_layers.core.stats import SolverStats
+from implicit_layers.linalg.base import LinearSolver
+from implicit_layers.linalg.dense import LU
+from implicit_layers.linalg.krylov import GMRES, KrylovSolver
+from implicit_layers.solvers.base import RootProblem, RootSolver
+
+
+class Adjoint(ABC):
+    """Solves ``J v = b`` or ``Jᵀ v = b`` at the solution of the forward problem."""
+
+    @abstractmethod
+    def solve(self, lin: Linearization, rhs: Tensor, transpose: bool) -> tuple[Tensor, SolverStats]:
+        """Return the solution (shaped like ``rhs``) and the solve's stats."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class DirectAdjoint(Adjoint):
+    """Materialize the per-sample Jacobian blocks with ``n`` batched VJPs and factor them.
+
+    The factorization is cached for the point it belongs to, so the backward, the JVP and the
+    double backward at the same solution share one factorization (transposes are free).
+    Best for small ``n`` (up to a few hundred unknowns per sample).
+
+    Args:
+        solver: a dense :class:`~implicit_layers.linalg.LinearSolver` (default :class:`LU`).
+
+    >>> import torch, implicit_layers as il
+    >>> A = torch.tensor([[3., 1.], [1., 2.]], dtype=torch.float64)
+    >>> x = torch.tensor([1., 1.], dtype=torch.float64, requires_grad=True)
+    >>> y = il.functional.root_find(lambda x, y: A @ y - x, x, torch.zeros(2, dtype=torch.float64),
+    ...                              adjoint=il.DirectAdjoint())
+    >>> torch.allclose(y, torch.linalg.solve(A, x))
+    True
+    """
+
+    def __init__(self, solver: LinearSolver | None = None):
+        self.solver = solver if solver is not None else LU()
+        if not self.solver.needs_dense:
+            raise ValueError("DirectAdjoint needs a dense solver (LU, Cholesky); "
+                             "use KrylovAdjoint for matrix-free solvers")
+
+    def solve(self, lin, rhs, transpose):
+        fac = lin.problem.cached(
+            lin.key(f"direct:{id(self)}"),
+            lambda: self.solver.factor(lin.operator(), what="the Jacobian ∂f/∂y at the solution"),
+        )
+        sol = fac.solve(lin.flatten(rhs), transpose=transpose).reshape(rhs.shape)
+        return sol, SolverStats.exact(type(self.solver).__name__, lin.batch_shape, device=rhs.device)
+
+    def __repr__(self):
+        return f"DirectAdjoint({type(self.solver).__name__})"
+
+
+class KrylovAdjoint(Adjoint):
+    """Matrix-free solves with a Krylov method (products are JVPs/VJPs of the residual).
+
+    Args:
+        solver: :class:`~implicit_layers.linalg.GMRES` (default), ``BiCGStab``, or ``CG``
+            (only when ``J`` is symmetric positive definite).
+    """
+
+    def __init__(self, solver: KrylovSolver | None = None):
+        self.solver = solver if solver is not None else GMRES()
+
+    def solve(self, lin, rhs, transpose):
+        fac = self.solver.factor(lin.operator())
+        sol = fac.solve(lin.flatten(rhs), transpose=transpose).reshape(rhs.shape)
+        return sol, fac.stats
+
+    def __repr__(self):
+        return f"KrylovAdjoint({type(self.solver).__name__})"
+
+
+class FixedPointAdjoint(Adjoint):
+    """Iterate ``v ← v + (Jᵀ v − b)`` (or with ``J``) with a fixed-point solver.
+
+    For a fixed-point residual ``f = g(y) − y`` this is ``v ← J_gᵀ v − b``, which converges when
+    the forward map is contractive (spectral radius of ``J_g`` below one), the usual setting
+    of deep equilibrium models. Any forward solver that iterates ``g`` works
+    (:class:`~implicit_layers.Picard`, :class:`~implicit_layers.Anderson`).
+    """
+
+    def __init__(self, solver: RootSolver | None = None):
+        if solver is None:
+            from implicit_layers.solvers.picard import Picard
+
+            solver = Picard()
+        self.solver = solver
+
+    def solve(self, lin, rhs, transpose):
+        op = lin.operator()
+        b = lin.flatten(rhs)
+        system = RootProblem(lambda v: op.matvec(v, transpose) - b, event_ndim=1)
+        result = self.solver.solve(system, torch.zeros_like(b))
+        return result.y.reshape(rhs.shape), result.stats
+
+    def __repr__(self):
+        return f"FixedPointAdjoint({self.solver!r})"
