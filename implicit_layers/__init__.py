@@ -24,6 +24,9 @@ from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSo
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
 # --- layers: DEQ (issue 5) ---
+from implicit_layers.layers.deq import DEQLayer
+from implicit_layers.layers.deq_adjoint import JacobianFreeAdjoint, PhantomAdjoint
+from implicit_layers.solvers.anderson import Anderson
 # --- layers: QP (issue 7) ---
 
 __all__ = [name for name in dir() if not name.startswith("_")]

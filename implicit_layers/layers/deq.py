@@ -81,7 +81,7 @@ class DEQLayer(ImplicitLayer):
     >>> layer = il.DEQLayer(Cell(4))
     >>> x = torch.randn(8, 4, dtype=torch.float64)
     >>> z = layer(x)
-    >>> float((layer.cell(x, z) - z).abs().max()) < 1e-9
+    >>> float((layer.cell(x, z) - z).detach().abs().max()) < 1e-9
     True
     >>> z.square().sum().backward()
     >>> layer.cell.W.weight.grad.shape, layer.stats.backward.all_converged
