@@ -10,9 +10,10 @@ For each ρ, one process runs, on the same cell and data:
 
 Reported: cell evaluations in the forward (``fwd_evals``, counted inside the cell), VJPs
 through the cell in the backward (``bwd_vjps``), median wall times, bytes saved for backward
-(``harness.saved_tensor_bytes``; ``act_MB`` excludes the parameters and the input, which exist
-anyway), CUDA peak memory when on a GPU, and the cosine of the gradient (w.r.t. W, U, x) to a
-float64 reference solved to 1e-12.
+(``saved_MB``: ``harness.saved_tensor_bytes``; ``act_MB`` excludes the parameters and the
+input, which exist anyway), CUDA peak memory when on a GPU, and the cosine of the gradient
+(w.r.t. W, U, x) to a float64 reference solved to 1e-12. Ratios are ours / torchdeq, and
+ours / unrolled on the unrolled rows.
 
 W is symmetric with spectral radius 1, so ``ρ`` is the spectral radius of ``ρ W`` and the
 cell is a ``ρ``-contraction.
@@ -30,6 +31,13 @@ from experiments.bench.harness import cuda_peak_bytes, ratio, saved_tensor_bytes
 MB = 2.0**20
 
 
+class Counter:
+    """Cell evaluations and VJPs (a plain object: torch.func would copy a dict, a pytree)."""
+
+    def __init__(self):
+        self.evals = self.vjps = 0
+
+
 class _CountVJP(torch.autograd.Function):
     """Identity whose backward counts how often a cotangent flows through the cell."""
 
@@ -43,7 +51,7 @@ class _CountVJP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ctx.counter["vjps"] += 1
+        ctx.counter.vjps += 1
         return g, None
 
 
@@ -60,14 +68,31 @@ class TanhCell(nn.Module):
         U = torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
         self.U = nn.Parameter(U.to(dtype=dtype, device=device))
         self.rho, self.counting = rho, False
-        self.counter = {"evals": 0, "vjps": 0}
+        self.counter = Counter()
 
     def forward(self, x, z):
         out = torch.tanh(self.rho * z @ self.W.T + x @ self.U.T)
         if self.counting:
-            self.counter["evals"] += 1
+            self.counter.evals += 1
             out = _CountVJP.apply(out, self.counter)
         return out
+
+
+def _activation_bytes(fn, exclude: tuple[torch.Tensor, ...]) -> int:
+    """Bytes autograd saves while ``fn()`` runs, leaving out the storages of ``exclude``
+    (parameters and inputs, which exist anyway): on CPU the proxy for the increase of peak
+    memory that the backward pass keeps alive. ``harness.saved_tensor_bytes`` counts them."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.layout == torch.strided and t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -84,7 +109,7 @@ def _grads(run, cell, x, weights):
 
 
 def _counted(cell, fn):
-    cell.counter.update(evals=0, vjps=0)
+    cell.counter = Counter()
     cell.counting = True
     try:
         out = fn()
@@ -93,104 +118,96 @@ def _counted(cell, fn):
     return out
 
 
+def _measure(name, run, cell, x, weights, ref, cfg, device, layer=None) -> dict:
+    """One method's row: counts, times, memory and gradient accuracy."""
+    xg = x.detach().clone().requires_grad_()
+    fixed = (cell.W, cell.U, xg)
+    z = _counted(cell, lambda: run(xg))
+    evals = cell.counter.evals
+    iters = {}
+    if layer is not None:
+        iters["fwd_iters"] = int(layer.stats.forward.iterations.max())
+    cell.counting = True
+    torch.autograd.grad((z * weights).sum(), (cell.W, cell.U, xg))
+    cell.counting = False
+    if layer is not None:
+        iters["bwd_iters"] = int(layer.stats.backward.iterations.max())
+    grads = _grads(run, cell, x, weights)
+    flat = torch.cat([(g.double() - r).flatten() for g, r in zip(grads, ref)])
+    row = {
+        "method": name, "fwd_evals": evals, "bwd_vjps": cell.counter.vjps,
+        "fwd_ms": 1e3 * timeit(lambda: run(xg), repeat=cfg.repeat, device=device),
+        "fwd_bwd_ms": 1e3 * timeit(lambda: _grads(run, cell, x, weights), repeat=cfg.repeat,
+                                   device=device),
+        "saved_MB": saved_tensor_bytes(lambda: run(xg)) / MB,
+        "act_MB": _activation_bytes(lambda: run(xg), fixed) / MB,
+        "grad_cos": _cosine(grads, ref),
+        "grad_rel_err": float(flat.norm() / torch.cat([r.flatten() for r in ref]).norm()),
+        **iters,
+    }
+    peak = cuda_peak_bytes(lambda: _grads(run, cell, x, weights))
+    if peak is not None:
+        row["cuda_peak_MB"] = peak / MB
+    return row
+
+
+def _case(cfg, rho: float, device, dtype) -> list[dict]:
+    B, d = cfg.batch, cfg.dim
+    cell = TanhCell(d, rho, cfg.seed, dtype, device)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    x64 = cfg.x_scale * torch.randn(B, d, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(B, d, generator=gen, dtype=torch.float64)
+    x, weights = x64.to(dtype=dtype, device=device), w64.to(dtype=dtype, device=device)
+    z0 = torch.zeros(B, d, dtype=dtype, device=device)
+
+    def anderson(rtol, tol=0.0):
+        return il.Anderson(m=cfg.memory, tol=tol, rtol=rtol, max_iter=cfg.max_iter)
+
+    layer = il.DEQLayer(cell, solver=anderson(cfg.rtol),
+                        adjoint=il.FixedPointAdjoint(anderson(cfg.backward_rtol)),
+                        warn_residual=None)
+    tdeq = get_deq(core="indexing", ift=True, f_solver="anderson", b_solver="anderson",
+                   f_tol=cfg.rtol, b_tol=cfg.backward_rtol, f_stop_mode="rel", b_stop_mode="rel",
+                   f_max_iter=cfg.max_iter, b_max_iter=cfg.max_iter)
+    tdeq.train()
+
+    def unrolled(xx, n):
+        z = z0
+        for _ in range(n):
+            z = cell(xx, z)
+        return z
+
+    # float64 reference gradient, solved to 1e-12
+    ref_cell = TanhCell(d, rho, cfg.seed, torch.float64, device)
+    ref_layer = il.DEQLayer(ref_cell, solver=anderson(1e-12, 1e-12),
+                            adjoint=il.FixedPointAdjoint(anderson(1e-12, 1e-12)))
+    ref = _grads(lambda xx: ref_layer(xx, z0.double()), ref_cell, x.double(), weights.double())
+
+    ours = _measure("ours", lambda xx: layer(xx, z0), cell, x, weights, ref, cfg, device, layer)
+    theirs = _measure("torchdeq", lambda xx: tdeq(lambda z: cell(xx, z), z0)[0][-1],
+                      cell, x, weights, ref, cfg, device)
+    for key in ("fwd_evals", "bwd_vjps", "fwd_ms", "fwd_bwd_ms", "act_MB"):
+        ours[f"{key}_ratio"] = ratio(ours[key], theirs[key])
+    rows = [ours, theirs]
+    xg = x.detach().clone().requires_grad_()
+    for n in cfg.unroll_iters:
+        act = _activation_bytes(lambda n=n: unrolled(xg, n), (cell.W, cell.U, xg)) / MB
+        saved = saved_tensor_bytes(lambda n=n: unrolled(xg, n)) / MB
+        row = {"method": f"unrolled x{n}", "saved_MB": saved, "act_MB": act,
+               "act_MB_ratio": ratio(ours["act_MB"], act),
+               "saved_MB_ratio": ratio(ours["saved_MB"], saved)}
+        peak = cuda_peak_bytes(lambda n=n: _grads(lambda xx: unrolled(xx, n), cell, x, weights))
+        if peak is not None:
+            row["cuda_peak_MB"] = peak / MB
+            row["cuda_peak_ratio"] = ratio(ours.get("cuda_peak_MB"), row["cuda_peak_MB"])
+        rows.append(row)
+    return [{"case": f"rho={rho}", **r} for r in rows]
+
+
 def main(cfg) -> list[dict]:
     device = torch.device(cfg.device if torch.cuda.is_available() or cfg.device == "cpu" else "cpu")
     dtype = getattr(torch, cfg.dtype)
-    B, d = cfg.batch, cfg.dim
     rows: list[dict] = []
     for rho in cfg.rhos:
-        cell = TanhCell(d, rho, cfg.seed, dtype, device)
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        x = (cfg.x_scale * torch.randn(B, d, generator=gen, dtype=torch.float64)).to(dtype=dtype,
-                                                                                     device=device)
-        weights = torch.randn(B, d, generator=gen, dtype=torch.float64).to(dtype=dtype,
-                                                                           device=device)
-        z0 = torch.zeros(B, d, dtype=dtype, device=device)
-
-        layer = il.DEQLayer(
-            cell,
-            solver=il.Anderson(m=cfg.memory, tol=0.0, rtol=cfg.rtol, max_iter=cfg.max_iter),
-            adjoint=il.FixedPointAdjoint(il.Anderson(m=cfg.memory, tol=0.0, rtol=cfg.backward_rtol,
-                                                     max_iter=cfg.max_iter)),
-            warn_residual=None,
-        )
-        tdeq = get_deq(core="indexing", ift=True, f_solver="anderson", b_solver="anderson",
-                       f_tol=cfg.rtol, b_tol=cfg.backward_rtol, f_stop_mode="rel",
-                       b_stop_mode="rel", f_max_iter=cfg.max_iter, b_max_iter=cfg.max_iter)
-        tdeq.train()
-
-        def ours(xx):
-            return layer(xx, z0)
-
-        def theirs(xx):
-            return tdeq(lambda z: cell(xx, z), z0)[0][-1]
-
-        def unrolled(xx, n):
-            z = z0
-            for _ in range(n):
-                z = cell(xx, z)
-            return z
-
-        # float64 reference gradient, solved to 1e-12
-        ref_cell = TanhCell(d, rho, cfg.seed, torch.float64, device)
-        ref_layer = il.DEQLayer(
-            ref_cell, solver=il.Anderson(m=cfg.memory, tol=1e-12, rtol=1e-12, max_iter=2000),
-            adjoint=il.FixedPointAdjoint(il.Anderson(m=cfg.memory, tol=1e-12, rtol=1e-12,
-                                                     max_iter=2000)))
-        ref = _grads(lambda xx: ref_layer(xx, z0.double()), ref_cell, x.double(), weights.double())
-
-        fixed = {p.data_ptr() for p in (cell.W, cell.U)}
-        fixed_bytes = sum(p.untyped_storage().nbytes() for p in (cell.W, cell.U, x))
-        xg = x.detach().clone().requires_grad_()
-        for name, run in (("ours", ours), ("torchdeq", theirs)):
-            _counted(cell, lambda run=run: run(xg))
-            evals = cell.counter["evals"]
-            z = _counted(cell, lambda run=run: run(xg))
-            cell.counting = True
-            cell.counter["vjps"] = 0
-            torch.autograd.grad((z * weights).sum(), (cell.W, cell.U, xg))
-            cell.counting = False
-            vjps = cell.counter["vjps"]
-            grads = _grads(run, cell, x, weights)
-
-            def fwd(run=run):
-                with torch.no_grad():
-                    return run(x)
-
-            def fwd_bwd(run=run):
-                return _grads(run, cell, x, weights)
-
-            saved = saved_tensor_bytes(lambda run=run: run(xg))
-            row = {
-                "case": f"rho={rho}", "method": name, "fwd_evals": evals, "bwd_vjps": vjps,
-                "fwd_ms": 1e3 * timeit(fwd, repeat=cfg.repeat, device=device),
-                "fwd_bwd_ms": 1e3 * timeit(fwd_bwd, repeat=cfg.repeat, device=device),
-                "saved_MB": saved / MB,
-                "act_MB": (saved - fixed_bytes) / MB,
-                "grad_cos": _cosine(grads, ref),
-                "grad_rel_err": float(torch.cat([(g.double() - r).flatten() for g, r in
-                                                 zip(grads, ref)]).norm()
-                                      / torch.cat([r.flatten() for r in ref]).norm()),
-            }
-            peak = cuda_peak_bytes(fwd_bwd)
-            if peak is not None:
-                row["cuda_peak_MB"] = peak / MB
-            if name == "ours":
-                row["fwd_iters"] = int(layer.stats.forward.iterations.max())
-                row["bwd_iters"] = int(layer.stats.backward.iterations.max())
-            rows.append(row)
-        ours_row, their_row = rows[-2], rows[-1]
-        for key in ("fwd_evals", "bwd_vjps", "fwd_ms", "fwd_bwd_ms", "act_MB"):
-            ours_row[f"{key}_ratio"] = ratio(ours_row[key], their_row[key])
-        for n in cfg.unroll_iters:
-            saved = saved_tensor_bytes(lambda n=n: unrolled(xg, n))
-            row = {"case": f"rho={rho}", "method": f"unrolled x{n}", "saved_MB": saved / MB,
-                   "act_MB": (saved - fixed_bytes) / MB,
-                   "ours_act_reduction": (saved - fixed_bytes) / max(ours_row["act_MB"] * MB, 1.0),
-                   "ours_saved_reduction": saved / (ours_row["saved_MB"] * MB)}
-            peak = cuda_peak_bytes(lambda n=n: _grads(lambda xx: unrolled(xx, n), cell, x, weights))
-            if peak is not None:
-                row["cuda_peak_MB"] = peak / MB
-            rows.append(row)
-        del fixed
+        rows += _case(cfg, rho, device, dtype)
     return rows
