@@ -19,6 +19,7 @@ forward iterations. Double backward, ``torch.func.jvp``/``jacfwd``/``vmap`` come
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,13 @@ from implicit_layers.layers.deq_stability import (
 )
 from implicit_layers.solvers.anderson import Anderson
 from implicit_layers.solvers.base import RootSolver
+
+
+def _fixed_point_residual(cell: Callable, x, z: Tensor) -> Tensor:
+    """``f(x, z) = cell(x, z) − z``. Bound with ``functools.partial`` rather than a lambda so
+    that ``copy.deepcopy`` and pickling carry the residual over to the copied cell; not a
+    module, so the cell's parameters are registered once (under the fixed-point map)."""
+    return cell(x, z) - z
 
 
 def _zeros_like_x(x) -> Tensor:
@@ -97,7 +105,7 @@ class DEQLayer(ImplicitLayer):
         if warn_residual is not None and not warn_residual > 0:
             raise ValueError(f"warn_residual must be positive or None, got {warn_residual}")
         super().__init__(
-            lambda x, z: cell(x, z) - z,
+            functools.partial(_fixed_point_residual, cell),
             solver if solver is not None else Anderson(),
             adjoint if adjoint is not None else FixedPointAdjoint(Anderson()),
             event_ndim=event_ndim, on_failure=on_failure, fixed_point_map=cell,

@@ -1,6 +1,7 @@
 """DEQLayer / F.fixed_point: solver × problem grid against closed forms, implicit gradients
 against unrolled backprop, gradcheck/gradgradcheck, forward mode, vmap, failure policy."""
 
+import copy
 import warnings
 
 import pytest
@@ -272,5 +273,25 @@ def test_float32_module_training_step():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert set(dict(layer.named_parameters())) == {"fn.fixed_point_map.W", "fn.fixed_point_map.U",
-                                                   "fn.fixed_point_map.b"}
+    assert len(list(layer.parameters())) == 3 and layer.cell is cell
+
+
+def test_deepcopy_keeps_residual_and_map_on_one_cell():
+    cell = TanhCell(n=4)
+    layer = copy.deepcopy(il.DEQLayer(cell))
+    with torch.no_grad():
+        layer.cell.W.mul_(0.5)  # the copy's cell only
+    x = torch.randn(2, 4, dtype=D64)
+    z = layer(x)
+    torch.testing.assert_close(z, unrolled(layer.cell, x, torch.zeros_like(x)))
+    z.sum().backward()
+    assert isinstance(layer.cell.W, nn.Parameter) and layer.cell.W.grad is not None
+    assert cell.W.grad is None
+
+
+def test_backward_accumulates_into_the_cell_parameters():
+    cell = TanhCell(n=4)
+    layer = il.DEQLayer(cell)
+    W = cell.W
+    layer(torch.randn(2, 4, dtype=D64)).sum().backward()
+    assert cell.W is W and W.grad is not None  # the module still holds its Parameter
