@@ -19,10 +19,12 @@ from implicit_layers.errors import (
 )
 from implicit_layers.layers.root_find import RootFindLayer
 from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
-from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSolver, ScipyRoot
+from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSolver, ScipyRoot, SolveResult
 
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
+from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
+from implicit_layers.layers.sylvester import SylvesterLayer
 # --- layers: DEQ (issue 5) ---
 from implicit_layers.layers.deq import DEQLayer
 from implicit_layers.layers.deq_adjoint import JacobianFreeAdjoint, PhantomAdjoint

@@ -40,6 +40,8 @@ def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=
 
 # --- layers: equality QP (issue 3) ---
 # --- layers: Lyapunov (issue 4) ---
+from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov  # noqa: E402, F401
+from implicit_layers.layers.sylvester import sylvester  # noqa: E402, F401
 # --- layers: DEQ (issue 5) ---
 from implicit_layers.layers.deq import DEQLayer  # noqa: E402
 from implicit_layers.solvers.anderson import Anderson  # noqa: E402

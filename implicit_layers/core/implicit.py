@@ -28,7 +28,19 @@ from implicit_layers.solvers.base import RootProblem
 
 
 class ImplicitFunction(torch.autograd.Function):
-    """``ImplicitFunction.apply(problem, y0, *xs, *params) → y`` with ``f(xs, y; params) = 0``."""
+    """``ImplicitFunction.apply(problem, y0, *xs, *params) → y`` with ``f(xs, y; params) = 0``.
+
+    The autograd Function behind :class:`ImplicitLayer`; use the layer unless you need to build
+    an :class:`~implicit_layers.core.problem.ImplicitProblem` by hand.
+
+    >>> import torch, implicit_layers as il
+    >>> from implicit_layers.core.problem import ImplicitProblem
+    >>> prob = ImplicitProblem(fn=lambda xs, y, ps: y * y - xs[0], n_x=1, event_ndim=0,
+    ...                        solver=il.Newton(), adjoint=il.DirectAdjoint())
+    >>> x = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
+    >>> y = il.ImplicitFunction.apply(prob, torch.ones(1, dtype=torch.float64), x)
+    >>> y.detach(), torch.autograd.grad(y.sum(), x)[0]  # sqrt(x), 1 / (2 sqrt(x))
+    (tensor([2.0000], dtype=torch.float64), tensor([0.2500], dtype=torch.float64))"""
 
     @staticmethod
     def forward(problem: ImplicitProblem, y0: Tensor, *tensors: Tensor) -> Tensor:
@@ -45,6 +57,8 @@ class ImplicitFunction(torch.autograd.Function):
         result = problem.solver.solve(root, y0)
         problem.stats.forward = enforce(result.stats, problem.on_failure, "forward solve f(x, y) = 0")
         y = result.y
+        if any(y is t for t in (y0, *tensors)):  # autograd needs a fresh output tensor
+            y = y.clone()
         if result.aux is not None:  # e.g. a factorization at y*, for a custom adjoint
             key = problem.cache_key("forward_aux", (*xs, y, *params))
             if key is not None:

@@ -27,6 +27,12 @@ from implicit_layers.core.stats import SolverStats, check_finite_iterate
 class RootProblem:
     """``f(y) = 0`` with per-sample independence along the leading (batch) dimensions.
 
+    >>> import torch
+    >>> prob = RootProblem(lambda y: y ** 2 - 1.0)
+    >>> prob.jacobian(torch.tensor([[1.0, 2.0]]))       # one sample, 2 unknowns
+    tensor([[[2., 0.],
+             [0., 4.]]])
+
     Args:
         residual: ``y ↦ f(y)``, returns a tensor shaped like ``y``.
         event_ndim: how many trailing dims of ``y`` form one sample's unknown.
@@ -76,7 +82,13 @@ class RootProblem:
 @dataclass
 class SolveResult:
     """What a forward solve returns: the solution, its stats, and optional reusable data
-    (``aux``, e.g. a factorization at the solution that a custom adjoint can reuse)."""
+    (``aux``, e.g. a factorization at the solution that a custom adjoint can reuse).
+
+    >>> import torch
+    >>> from implicit_layers.solvers.picard import Picard
+    >>> res = Picard().solve(RootProblem(lambda y: 0.5 * (1.0 - y)), torch.zeros(1))
+    >>> round(float(res.y), 5), res.stats.all_converged
+    (0.99998, True)"""
 
     y: Tensor
     stats: SolverStats
@@ -85,6 +97,13 @@ class SolveResult:
 
 class RootSolver(ABC):
     """Base of the forward solvers.
+
+    Subclasses implement :meth:`solve`; the tolerances are shared:
+
+    >>> import torch
+    >>> from implicit_layers.solvers.newton import Newton
+    >>> Newton(tol=1e-9).tolerances(torch.float64)[0]
+    1e-09
 
     Args:
         tol: absolute tolerance on ``‖f(y)‖`` per sample (default ``eps**0.75`` of the dtype,
@@ -142,6 +161,7 @@ class IterationLog:
 
     def update(self, y: Tensor, fy: Tensor, active: Tensor, evaluations: int = 1) -> None:
         """Record one iteration of the samples in ``active``."""
+        check_finite_iterate(fy, self.solver.name, len(self.trace), "residual")
         self.evaluations += evaluations
         self.res = torch.where(active, self.problem.norm(fy), self.res)
         self.iterations = self.iterations + active.to(torch.int64)
