@@ -30,6 +30,9 @@ from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend
 from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
 from implicit_layers.layers.sylvester import SylvesterLayer
 # --- layers: DEQ (issue 5) ---
+from implicit_layers.layers.deq import DEQLayer
+from implicit_layers.layers.deq_adjoint import JacobianFreeAdjoint, PhantomAdjoint
+from implicit_layers.solvers.anderson import Anderson
 # --- layers: QP (issue 7) ---
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -50,4 +50,28 @@ def eq_qp(Q, c, A, b, *, backend="auto"):
 from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov  # noqa: E402, F401
 from implicit_layers.layers.sylvester import sylvester  # noqa: E402, F401
 # --- layers: DEQ (issue 5) ---
+from implicit_layers.layers.deq import DEQLayer  # noqa: E402
+from implicit_layers.solvers.anderson import Anderson  # noqa: E402
+
+
+def fixed_point(g, x, z0, *, solver=None, adjoint=None, tol=None, max_iter=None,
+                on_failure="raise", event_ndim=1):
+    """Solve ``z = g(x, z)`` from ``z0``, differentiably in ``x`` (implicit gradient).
+
+    ``tol`` sets both the absolute and relative tolerance of the forward solver (default
+    Anderson's). See :class:`~implicit_layers.DEQLayer` for the other arguments.
+
+    >>> import torch
+    >>> x = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    >>> z = fixed_point(lambda x, z: 0.5 * z + x, x, torch.zeros(1, 2, dtype=torch.float64))
+    >>> torch.allclose(z, 2 * x)                     # z = 2 x
+    True
+    >>> torch.autograd.grad(z.sum(), x)[0]           # dz/dx = 1 / (1 − 0.5)
+    tensor([[2., 2.]], dtype=torch.float64)
+    """
+    solver = with_budget(solver if solver is not None else Anderson(), tol, max_iter)
+    layer = DEQLayer(g, solver, adjoint, event_ndim=event_ndim, on_failure=on_failure)
+    return layer(x, z0)
+
+
 # --- layers: QP (issue 7) ---
