@@ -25,5 +25,10 @@ from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSo
 # --- layers: Lyapunov (issue 4) ---
 # --- layers: DEQ (issue 5) ---
 # --- layers: QP (issue 7) ---
+# isort: off
+from implicit_layers.layers.qp import QPLayer
+from implicit_layers.layers.qp_osqp import OSQP
+from implicit_layers.solvers.interior_point import InteriorPoint, QPStatus
+# isort: on
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -42,3 +42,8 @@ def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=
 # --- layers: Lyapunov (issue 4) ---
 # --- layers: DEQ (issue 5) ---
 # --- layers: QP (issue 7) ---
+def qp(Q, c, A=None, b=None, G=None, h=None, *, solver=None, on_failure="raise"):
+    """``(x, lam, mu)`` of ``min ½xᵀQx + cᵀx s.t. Ax = b, Gx ≤ h``; see :class:`QPLayer`."""
+    from implicit_layers.layers.qp import QPLayer
+
+    return QPLayer(solver=solver, on_failure=on_failure)(Q, c, A, b, G, h)
