@@ -98,7 +98,7 @@ class OSQP:
                          A=sp.csc_matrix(np.vstack([Ai, Gi])),
                          l=np.concatenate([bi, np.full(m, -np.inf)]), u=np.concatenate([bi, hi]),
                          **self.settings)
-            res = solver.solve()
+            res = solver.solve(raise_error=False)
             status[i] = _STATUS.get(int(res.info.status_val), QPStatus.NUMERICAL)
             iters[i] = res.info.iter
             if status[i] == QPStatus.SOLVED:

@@ -60,7 +60,6 @@ class QPSolution:
     status: Tensor
     stats: SolverStats
     factor: QPKKTFactor | None = None
-    floor: float = 0.0
 
 
 def _inf(t: Tensor) -> Tensor:
@@ -86,6 +85,10 @@ class InteriorPoint:
             and makes linear programs and singular ``Q`` solvable.
         infeasibility_tol: tolerance of the infeasibility/unboundedness certificates
             (default ``1e-8`` float64, ``1e-4`` float32).
+        floor: lower bound on ``s/μ`` in the factorization kept for the backward and JVP
+            (default ``1e-8`` float64, ``1e-4`` float32). Strongly active constraints would
+            otherwise make it arbitrarily ill-conditioned as ``tol → 0``; one round of
+            iterative refinement against the exact matrix removes the floor's effect.
 
     >>> import torch
     >>> from implicit_layers.solvers.interior_point import InteriorPoint
@@ -118,6 +121,8 @@ class InteriorPoint:
         ``G (B,m,n)``, ``h (B,m)`` (``p = 0`` for no equalities)."""
         tol, reg, inf_tol = self._defaults(Q.dtype)
         floor = self.floor if self.floor is not None else (1e-8 if Q.dtype == torch.float64 else 1e-4)
+        # float32 steps keep s/μ ≥ √ε so that the Cholesky factorization of H does not fail
+        cap = float("inf") if Q.dtype == torch.float64 else torch.finfo(Q.dtype).eps ** -0.5
         B = Q.shape[0]
         data = (Q, c, A, b, G, h)
         x, lam, mu, s = self._initial_point(*data, reg)
@@ -142,13 +147,13 @@ class InteriorPoint:
             if bool(stop.any()):  # the factorization the backward and JVP will reuse
                 j = stop.nonzero().squeeze(-1)
                 Qj, _, Aj, _, Gj, _, _, _, mj, sj = (t.index_select(0, j) for t in sub)
-                final.put_(idx[j], factor_qp_kkt(Qj, Aj, Gj, mj.clamp_min(floor) / sj.clamp_min(floor), reg))
+                final.put_(idx[j], factor_qp_kkt(Qj, Aj, Gj, (mj / sj).clamp_max(1 / floor), reg))
             go = (~stop).nonzero().squeeze(-1)
             if go.numel() == 0:
                 continue
             Qg, _, Ag, _, Gg, _, _, _, mg, sg = sub if go.numel() == idx.numel() else (
                 t.index_select(0, go) for t in sub)
-            fac = factor_qp_kkt(Qg, Ag, Gg, mg / sg, reg)
+            fac = factor_qp_kkt(Qg, Ag, Gg, (mg / sg).clamp_max(cap), reg)
             rg = (t.index_select(0, go) for t in (r_d, r_e, r_i))
             dx, dl, dm, ds, alpha = self._step(fac, *rg, sg, mg)
             alpha = torch.where(fac.ok, alpha, 0.0)
@@ -160,7 +165,7 @@ class InteriorPoint:
         final.ok &= solved
         stats = SolverStats(self.name, iters, residual, solved, evaluations=int(iters.max()) + 1)
         stats.extra["status"] = status
-        return QPSolution(x, lam, mu, s, status, stats, final, floor)
+        return QPSolution(x, lam, mu, s, status, stats, final)
 
     @staticmethod
     def _residuals(Q, c, A, b, G, h, x, lam, mu, s):
@@ -192,15 +197,16 @@ class InteriorPoint:
         """``(G, w, keep)`` of the derivative KKT matrix ``M`` at the solution: ``w = s/μ``.
 
         Differentiable in ``G, h, x, μ`` (for double backward): the slack takes the solver's
-        positive value and the derivative of ``h − Gx``. Failed samples get ``w = 1`` (their
-        factorization solves to zero anyway). ``keep = None``: no row of ``M`` is masked.
+        positive value and the derivative of ``h − Gx``. The stored factorization used
+        ``max(w, floor)``; refinement against this exact ``w`` makes up the difference.
+        Failed samples get ``w = 1`` (their factorization solves to zero anyway).
+        ``keep = None``: no row of ``M`` is masked.
         """
         ok = sol.factor.ok[:, None]
         s_exact = h - _mv(G, x)
         s = s_exact + (sol.slack - s_exact).detach()
         one = torch.ones((), dtype=mu.dtype, device=mu.device)
-        w = torch.where(ok, s.clamp_min(sol.floor), one) / torch.where(ok, mu.clamp_min(sol.floor), one)
-        return G, w, None
+        return G, torch.where(ok, s, one) / torch.where(ok, mu, one), None
 
     @staticmethod
     def _step(fac: QPKKTFactor, r_d, r_e, r_i, s, mu):
