@@ -27,7 +27,8 @@ def test_osqp_agrees_with_interior_point_values_and_gradients():
         w = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         ((x * w).sum() + lam.sum() + mu.sum()).backward()
         grads.append([t.grad for t in args])
-        fwd = torch.func.jvp(lambda h_: il.QPLayer(solver=solver)(Q, c, A, b, G, h_)[0], (h,), (h,))[1]
+        layer = il.QPLayer(solver=solver)
+        fwd = torch.func.jvp(lambda h_, layer=layer: layer(Q, c, A, b, G, h_)[0], (h,), (h,))[1]
         grads[-1].append(fwd)
     for g_ipm, g_osqp in zip(*grads, strict=True):
         torch.testing.assert_close(g_osqp, g_ipm, atol=1e-6, rtol=1e-6)
