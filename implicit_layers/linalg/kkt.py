@@ -30,6 +30,14 @@ def _mv(M: Tensor, v: Tensor) -> Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def _chol_solve(L: Tensor, B: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ B`` by two triangular solves (faster than ``cholesky_solve`` for batches)."""
+    if B.shape[:-2] != L.shape[:-2]:
+        L = L.expand(*B.shape[:-2], *L.shape[-2:])
+    Y = torch.linalg.solve_triangular(L, B, upper=False)
+    return torch.linalg.solve_triangular(L.mT, Y, upper=True)
+
+
 @dataclass
 class QPKKTFactor:
     """Cholesky factors of ``H`` and ``S`` for a batch ``(B,)`` of KKT matrices ``M``.
@@ -51,9 +59,9 @@ class QPKKTFactor:
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Solve ``M z = r`` for right-hand sides of shape ``(..., B, k)`` (extra dims broadcast)."""
         g = r1 + _mv(self.G.mT, self.Winv * r3)
-        Hg = torch.cholesky_solve(g.unsqueeze(-1), self.L).squeeze(-1)
+        Hg = _chol_solve(self.L, g.unsqueeze(-1)).squeeze(-1)
         if self.A.shape[-2] > 0:
-            z2 = torch.cholesky_solve((_mv(self.A, Hg) - r2).unsqueeze(-1), self.LS).squeeze(-1)
+            z2 = _chol_solve(self.LS, (_mv(self.A, Hg) - r2).unsqueeze(-1)).squeeze(-1)
             z1 = Hg - _mv(self.HiAt, z2)
         else:
             z2, z1 = torch.zeros_like(r2), Hg
@@ -94,15 +102,15 @@ def factor_qp_kkt(Q: Tensor, A: Tensor, G: Tensor, Winv: Tensor, reg: float) -> 
     """Factor ``M`` for ``Q (B,n,n)``, ``A (B,p,n)``, ``G (B,m,n)`` and ``W⁻¹ (B,m)``."""
     n, p = Q.shape[-1], A.shape[-2]
     eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
-    H = Q + (G.mT * Winv.unsqueeze(-2)) @ G + reg * eye
+    H = Q + G.mT @ (G * Winv.unsqueeze(-1)) + reg * eye
     L, info = torch.linalg.cholesky_ex(H)
-    ok = (info == 0) & torch.isfinite(L).flatten(1).all(-1)
+    ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
     L = torch.where(ok[:, None, None], L, eye)  # failed samples: harmless identity factors
     if p > 0:
-        HiAt = torch.cholesky_solve(A.mT, L)
+        HiAt = _chol_solve(L, A.mT)
         S = A @ HiAt + reg * torch.eye(p, dtype=Q.dtype, device=Q.device)
         LS, info_s = torch.linalg.cholesky_ex(S)
-        ok = ok & (info_s == 0) & torch.isfinite(LS).flatten(1).all(-1)
+        ok = ok & (info_s == 0) & torch.isfinite(LS.diagonal(dim1=-2, dim2=-1)).all(-1)
         LS = torch.where(ok[:, None, None], LS, torch.eye(p, dtype=Q.dtype, device=Q.device))
     else:
         HiAt = Q.new_zeros(Q.shape[0], n, 0)

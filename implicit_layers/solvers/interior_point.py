@@ -77,7 +77,7 @@ class InteriorPoint:
     """Batched Mehrotra predictor-corrector interior point for dense convex QPs.
 
     Args:
-        tol: stopping tolerance on scaled residuals and gap (default ``1e-10`` in float64,
+        tol: stopping tolerance on scaled residuals and gap (default ``1e-12`` in float64,
             ``1e-5`` in float32).
         max_iter: iteration cap; samples still running get ``MAX_ITER``.
         reg: diagonal regularization ``δ`` of the KKT factorization (default ``ε^0.6`` of the
@@ -111,7 +111,7 @@ class InteriorPoint:
 
     def _defaults(self, dtype: torch.dtype) -> tuple[float, float, float]:
         f64 = dtype == torch.float64
-        tol = self.tol if self.tol is not None else (1e-10 if f64 else 1e-5)
+        tol = self.tol if self.tol is not None else (1e-12 if f64 else 1e-5)
         reg = self.reg if self.reg is not None else torch.finfo(dtype).eps ** 0.6
         inf_tol = self.infeasibility_tol if self.infeasibility_tol is not None else (1e-8 if f64 else 1e-4)
         return tol, reg, inf_tol
@@ -121,10 +121,11 @@ class InteriorPoint:
         ``G (B,m,n)``, ``h (B,m)`` (``p = 0`` for no equalities)."""
         tol, reg, inf_tol = self._defaults(Q.dtype)
         floor = self.floor if self.floor is not None else (1e-8 if Q.dtype == torch.float64 else 1e-4)
-        # float32 steps keep s/μ ≥ √ε so that the Cholesky factorization of H does not fail
-        cap = float("inf") if Q.dtype == torch.float64 else torch.finfo(Q.dtype).eps ** -0.5
+        # steps keep s/μ ≥ 1e-10 (float32: √ε) so that the Cholesky factorization of H succeeds
+        cap = 1e10 if Q.dtype == torch.float64 else torch.finfo(Q.dtype).eps ** -0.5
         B = Q.shape[0]
         data = (Q, c, A, b, G, h)
+        scale = 1 + torch.stack([_inf(t.flatten(1)) for t in (Q, A, G)]).amax(0)  # for certificates
         x, lam, mu, s = self._initial_point(*data, reg)
         status = torch.full((B,), RUNNING, dtype=torch.int64, device=Q.device)
         iters = torch.zeros(B, dtype=torch.int64, device=Q.device)
@@ -140,8 +141,8 @@ class InteriorPoint:
                 return t if everyone else t.index_select(0, idx)
 
             sub = [pick(t) for t in (*data, x, lam, mu, s)]
-            r_d, r_e, r_i, res = self._residuals(*sub)
-            new = self._classify(sub, res, tol, inf_tol, last=k == self.max_iter)
+            (r_d, r_e, r_i), res, products = self._residuals(*sub)
+            new = self._classify(sub, res, products, pick(scale), tol, inf_tol, last=k == self.max_iter)
             status[idx], iters[idx], residual[idx] = new, k, res
             stop = new != RUNNING
             if bool(stop.any()):  # the factorization the backward and JVP will reuse
@@ -169,26 +170,37 @@ class InteriorPoint:
 
     @staticmethod
     def _residuals(Q, c, A, b, G, h, x, lam, mu, s):
-        """KKT residuals and the scaled stopping measure (max of primal, dual, gap)."""
-        r_d = _mv(Q, x) + c + _mv(A.mT, lam) + _mv(G.mT, mu)
-        r_e, r_i = _mv(A, x) - b, _mv(G, x) + s - h
+        """KKT residuals, the scaled stopping measure, and the products the certificates reuse."""
+        Qx, Ax, Gx = _mv(Q, x), _mv(A, x), _mv(G, x)
+        dual = _mv(A.mT, lam) + _mv(G.mT, mu)
+        r_d, r_e, r_i = Qx + c + dual, Ax - b, Gx + s - h
         gap = (s * mu).sum(-1) / max(mu.shape[-1], 1)
-        obj = 0.5 * (x * _mv(Q, x)).sum(-1) + (c * x).sum(-1)
+        obj = 0.5 * (x * Qx).sum(-1) + (c * x).sum(-1)
         res = torch.stack([
             torch.maximum(_inf(r_e), _inf(r_i)) / (1 + torch.maximum(_inf(b), _inf(h))),
             _inf(r_d) / (1 + _inf(c)),
             gap / (1 + obj.abs()),
         ]).amax(0)
-        return r_d, r_e, r_i, res
+        return (r_d, r_e, r_i), res, (Qx, Ax, Gx, dual)
 
-    def _classify(self, sub, res, tol, inf_tol, last: bool) -> Tensor:
+    def _classify(self, sub, res, products, scale, tol, inf_tol, last: bool) -> Tensor:
         """The new status of each running sample (``RUNNING`` if it goes on)."""
         Q, c, A, b, G, h, x, lam, mu, s = sub
+        Qx, Ax, Gx, dual = products
         new = torch.full(res.shape, RUNNING, dtype=torch.int64, device=res.device)
-        new = torch.where(self._unbounded(Q, c, A, G, x, inf_tol), QPStatus.UNBOUNDED, new)
-        new = torch.where(self._infeasible(A, b, G, h, lam, mu, inf_tol), QPStatus.INFEASIBLE, new)
+        # unbounded: x/‖x‖∞ → d with Qd ≈ 0, Ad ≈ 0, Gd ≲ 0, cᵀd < 0
+        nx = _inf(x).clamp_min(torch.finfo(x.dtype).tiny)
+        flat = torch.stack([_inf(Qx), _inf(Ax), _inf(Gx.clamp_min(0))]).amax(0) <= inf_tol * scale * nx
+        unbounded = flat & ((c * x).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(c)) * nx)
+        new = torch.where(unbounded, QPStatus.UNBOUNDED, new)
+        # infeasible (Farkas): (λ, μ)/ν → (y, z), z ≥ 0, Aᵀy + Gᵀz ≈ 0, bᵀy + hᵀz < 0
+        nu = torch.maximum(_inf(lam), _inf(mu)).clamp_min(torch.finfo(mu.dtype).tiny)
+        value = (b * lam).sum(-1) + (h * mu).sum(-1)
+        infeasible = (_inf(dual) <= inf_tol * scale * nu) & (
+            value < -inf_tol ** 0.5 * (1 + torch.maximum(_inf(b), _inf(h))) * nu)
+        new = torch.where(infeasible, QPStatus.INFEASIBLE, new)
         new = torch.where(res <= tol, QPStatus.SOLVED, new)
-        finite = torch.isfinite(torch.cat([x, lam, mu, s], -1)).all(-1) & torch.isfinite(res)
+        finite = torch.isfinite(x.sum(-1) + lam.sum(-1) + mu.sum(-1) + s.sum(-1) + res)
         new = torch.where(finite, new, QPStatus.NUMERICAL)
         return torch.where(new == RUNNING, QPStatus.MAX_ITER, new) if last else new
 
@@ -240,22 +252,3 @@ class InteriorPoint:
             return torch.where(worst >= 0, v + 1 + worst, v)
 
         return x, lam, shift(z.clone()), shift(s)
-
-    @staticmethod
-    def _infeasible(A, b, G, h, lam, mu, tol):
-        """Farkas certificate on the normalized multipliers ``(λ, μ)/ν``."""
-        nu = torch.maximum(_inf(lam), _inf(mu)).clamp_min(torch.finfo(mu.dtype).tiny)
-        ray = _inf(_mv(A.mT, lam) + _mv(G.mT, mu)) / nu
-        scale = 1 + torch.maximum(_inf(A.flatten(1)), _inf(G.flatten(1)))
-        value = ((b * lam).sum(-1) + (h * mu).sum(-1)) / nu
-        return (ray <= tol * scale) & (value < -tol ** 0.5 * (1 + torch.maximum(_inf(b), _inf(h))))
-
-    @staticmethod
-    def _unbounded(Q, c, A, G, x, tol):
-        """Recession-ray certificate on the normalized iterate ``x/‖x‖∞``."""
-        d = x / _inf(x).clamp_min(torch.finfo(x.dtype).tiny)[:, None]
-        scale = tol * (1 + torch.stack([_inf(t.flatten(1)) for t in (Q, A, G)]).amax(0))
-        flat = (_inf(_mv(Q, d)) <= scale) & (_inf(_mv(A, d)) <= scale)
-        feasible_ray = _inf(_mv(G, d).clamp_min(0)) <= scale
-        descends = (c * d).sum(-1) < -tol ** 0.5 * (1 + _inf(c))
-        return flat & feasible_ray & descends

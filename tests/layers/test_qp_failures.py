@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import implicit_layers as il
+from experiments.bench.qp_problems import strictly_complementary_qp
 from implicit_layers import functional as F
-from tests.layers.qp_problems import strictly_complementary_qp
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,7 +5,7 @@ import torch
 from torch.autograd import gradcheck
 
 import implicit_layers as il
-from tests.layers.qp_problems import strictly_complementary_qp
+from experiments.bench.qp_problems import strictly_complementary_qp
 
 
 @pytest.fixture(autouse=True, scope="module")
