@@ -1,17 +1,9 @@
 """The reusable pieces of the OptNet Sudoku experiment: valid data, and a model that learns."""
 
-import pytest
 import torch
 
 from experiments.tasks.sudoku import OptNetSudoku, board_accuracy, make_sudoku, train_sudoku
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_generated_boards_are_valid_sudokus_and_puzzles_have_blanks():

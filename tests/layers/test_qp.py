@@ -9,15 +9,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import implicit_layers as il
 from experiments.bench.qp_problems import strictly_complementary_qp
 from implicit_layers import functional as F
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny batched factorizations are much slower with 2 contended threads
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 
 def cvxpy_solve(Q, c, A, b, G, h):

@@ -7,14 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 import implicit_layers as il
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 
 def problem(n=3):

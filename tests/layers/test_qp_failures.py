@@ -6,14 +6,7 @@ import torch
 import implicit_layers as il
 from experiments.bench.qp_problems import strictly_complementary_qp
 from implicit_layers import functional as F
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 
 def batch_with_bad_samples(n=3):
