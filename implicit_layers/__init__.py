@@ -34,5 +34,10 @@ from implicit_layers.layers.deq import DEQLayer
 from implicit_layers.layers.deq_adjoint import JacobianFreeAdjoint, PhantomAdjoint
 from implicit_layers.solvers.anderson import Anderson
 # --- layers: QP (issue 7) ---
+# isort: off
+from implicit_layers.layers.qp import QPLayer
+from implicit_layers.layers.qp_osqp import OSQP
+from implicit_layers.solvers.interior_point import InteriorPoint, QPStatus
+# isort: on
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -75,3 +75,8 @@ def fixed_point(g, x, z0, *, solver=None, adjoint=None, tol=None, max_iter=None,
 
 
 # --- layers: QP (issue 7) ---
+def qp(Q, c, A=None, b=None, G=None, h=None, *, solver=None, on_failure="raise"):
+    """``(x, lam, mu)`` of ``min ½xᵀQx + cᵀx s.t. Ax = b, Gx ≤ h``; see :class:`QPLayer`."""
+    from implicit_layers.layers.qp import QPLayer
+
+    return QPLayer(solver=solver, on_failure=on_failure)(Q, c, A, b, G, h)
