@@ -12,6 +12,7 @@ own iteration count.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +129,17 @@ class RootSolver(ABC):
     def converged(self, res_norm: Tensor, y_norm: Tensor, dtype: torch.dtype) -> Tensor:
         tol, rtol = self.tolerances(dtype)
         return res_norm <= tol + rtol * y_norm
+
+    def with_budget(self, tol: float | None = None, max_iter: int | None = None) -> RootSolver:
+        """A copy with ``tol`` (absolute and relative) and ``max_iter`` overridden where given."""
+        if tol is None and max_iter is None:
+            return self
+        solver = copy.copy(self)
+        if tol is not None:
+            solver.tol = solver.rtol = tol
+        if max_iter is not None:
+            solver.max_iter = max_iter
+        return solver
 
     @abstractmethod
     def solve(self, problem: RootProblem, y0: Tensor) -> SolveResult:

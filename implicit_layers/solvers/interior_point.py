@@ -38,6 +38,19 @@ RUNNING = -1
 
 
 class QPStatus(IntEnum):
+    """Per-sample outcome of a QP solve, stored as integer codes in the stats.
+
+    >>> import torch, implicit_layers as il
+    >>> Q, c = torch.eye(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    >>> G = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    >>> h = torch.tensor([-1.0, -1.0], dtype=torch.float64)          # x ≤ −1 and x ≥ 1
+    >>> layer = il.QPLayer(on_failure="warn")
+    >>> with __import__("warnings").catch_warnings(record=True):
+    ...     _ = layer(Q, c, None, None, G, h)
+    >>> il.QPStatus(int(layer.stats.forward.extra["status"]))
+    <QPStatus.INFEASIBLE: 2>
+    """
+
     SOLVED = 0
     MAX_ITER = 1
     INFEASIBLE = 2
