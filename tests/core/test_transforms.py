@@ -134,3 +134,37 @@ def test_custom_adjoint_reuses_forward_factorization():
     (g,) = torch.autograd.grad(y.sum(), b)
     (g_ref,) = torch.autograd.grad(ref(A, b).sum(), b)
     torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+
+
+def test_module_registered_twice_keeps_its_parameters_and_gets_summed_gradients():
+    """A cell used by both the residual and the fixed-point map: backward must leave real
+    Parameters behind (torch's functional_call restores tied names in the wrong order)."""
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(0.3 * torch.randn(3, 3, dtype=torch.float64))
+
+        def forward(self, x, z):
+            return torch.tanh(z @ self.W.T + x)
+
+    class Residual(torch.nn.Module):
+        def __init__(self, cell):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x, z):
+            return self.cell(x, z) - z
+
+    cell = Cell()
+    layer = il.ImplicitLayer(Residual(cell), il.Picard(), fixed_point_map=cell)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for _ in range(2):
+        layer(x, torch.zeros_like(x)).sum().backward()
+    assert isinstance(cell.W, torch.nn.Parameter)
+    W = cell.W.detach().clone().requires_grad_()
+    z = torch.zeros_like(x)
+    for _ in range(300):
+        z = torch.tanh(z @ W.T + x)
+    (g,) = torch.autograd.grad(z.sum(), W)
+    torch.testing.assert_close(cell.W.grad, 2 * g, atol=1e-9, rtol=0)
