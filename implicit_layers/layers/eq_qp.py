@@ -32,13 +32,14 @@ from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend, is_sparse
 BACKENDS = {"dense": DenseKKTBackend, "sparse": SparseKKTBackend, "osqp": OSQPBackend}
 
 
-def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor) -> None:
+def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor, finite: bool = True) -> None:
     """Shapes ``Q (*, n, n)``, ``c (*, n)``, ``A (*, m, n)``, ``b (*, m)`` with broadcastable
-    batch dims, one floating dtype and device, finite values; ValueError naming the argument."""
-    for name, t, ndim in (("Q", Q, 2), ("c", c, 1), ("A", A, 2), ("b", b, 1)):
+    batch dims, one floating dtype and device, and (``finite=True``) no NaN/Inf; ValueError
+    naming the argument."""
+    named = {"Q": Q, "c": c, "A": A, "b": b}
+    for (name, t), ndim in zip(named.items(), (2, 1, 2, 1), strict=True):
         check_tensor(name, t, min_ndim=ndim, finite=False)
-        _check_finite(name, t)
-    check_same_dtype_device({"Q": Q, "c": c, "A": A, "b": b})
+    check_same_dtype_device(named)
     n, m = Q.shape[-1], A.shape[-2]
     if Q.shape[-2] != n:
         raise ValueError(f"Q must be square (..., n, n), got shape {tuple(Q.shape)}")
@@ -50,20 +51,32 @@ def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor) -> None:
         raise ValueError(f"b must have shape (..., {m}) to match A's rows, got {tuple(b.shape)}")
     if m == 0:
         raise ValueError("A must have at least one row (use a linear solve without constraints)")
-    try:
-        torch.broadcast_shapes(Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1])
-    except RuntimeError as err:
-        raise ValueError(
-            f"batch dims do not broadcast: Q {tuple(Q.shape[:-2])}, c {tuple(c.shape[:-1])}, "
-            f"A {tuple(A.shape[:-2])}, b {tuple(b.shape[:-1])}") from err
+    batches = (Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1])
+    if not batches[0] == batches[1] == batches[2] == batches[3]:
+        try:
+            torch.broadcast_shapes(*batches)
+        except RuntimeError as err:
+            raise ValueError(
+                f"batch dims do not broadcast: Q {tuple(batches[0])}, c {tuple(batches[1])}, "
+                f"A {tuple(batches[2])}, b {tuple(batches[3])}") from err
+    if finite:
+        _check_finite(named)
 
 
-def _check_finite(name: str, t: Tensor) -> None:
-    """NaN/Inf check in one reduction: any NaN/Inf makes the sum non-finite; only then (or on
-    an overflowing sum) is the exact elementwise check run. Skipped inside torch.func."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(t) or bool(torch.isfinite(t.sum())):
+def _check_finite(named: dict[str, Tensor]) -> None:
+    """NaN/Inf check in one host sync: any NaN/Inf makes the sum of the sums non-finite;
+    only then (or on an overflowing sum) is the exact elementwise check run on each input to
+    name it. Skipped inside torch.func (the values cannot be read there)."""
+    named = {k: t for k, t in named.items()
+             if not torch._C._functorch.is_functorch_wrapped_tensor(t)}
+    if not named:
         return
-    check_tensor(name, t)
+    with torch.no_grad():
+        total = sum(t.sum() for t in named.values())
+    if bool(torch.isfinite(total)):
+        return
+    for name, t in named.items():
+        check_tensor(name, t)
 
 
 class EqualityQPLayer(nn.Module):
@@ -121,7 +134,7 @@ class EqualityQPLayer(nn.Module):
     def forward(self, Q, c: Tensor, A, b: Tensor) -> tuple[Tensor, Tensor]:
         backend = self.resolve(Q, A)
         if not getattr(backend, "accepts_sparse", False) or not (is_sparse(Q) or is_sparse(A)):
-            check_eq_qp_inputs(Q, c, A, b)
+            check_eq_qp_inputs(Q, c, A, b, finite=not getattr(backend, "checks_finite", False))
         x, lam = backend(Q, c, A, b)
         self.stats = getattr(backend, "stats", None)
         return x, lam

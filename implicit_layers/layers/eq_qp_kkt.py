@@ -2,12 +2,16 @@
 
     K = [[Q, Aᵀ], [A, 0]],      K (x; λ) = (p; q)
 
-Two factorizations, both computed once and then used for any number of solves (forward,
+Three forms, each computed once and then used for any number of solves (forward,
 iterative refinement, the adjoint system of the backward, the tangent system of the JVP):
 
 * :class:`SchurKKT` when Q is positive definite: ``Q = L Lᵀ``, ``M = L⁻¹Aᵀ`` and the Schur
   complement ``S = A Q⁻¹ Aᵀ = MᵀM = L_S L_Sᵀ``. Then, with ``u = L⁻¹p``,
   ``λ = S⁻¹(Mᵀu − q)`` and ``x = L⁻ᵀ(u − Mλ)``.
+* :class:`SignedCholeskyKKT` for small systems (``n + m ≤ small_size``): the same Schur
+  factors assembled into one triangular ``𝓛 = [[L, 0], [Mᵀ, L_S]]`` with
+  ``K = 𝓛 diag(I, −I) 𝓛ᵀ``, so that a solve is two triangular solves (at this size the
+  number of torch ops, not flops, sets the time).
 * :class:`LDLKKT` otherwise: a Bunch–Kaufman ``LDLᵀ`` of the whole (symmetric indefinite)
   K, which only needs Q positive definite on the null space of A. Its inertia (Sylvester's
   law) must be (n positive, m negative); anything else means Q is not positive definite on
@@ -15,7 +19,8 @@ iterative refinement, the adjoint system of the backward, the tangent system of 
   "A's rows are dependent" and "Q is not positive definite on null(A)" holds.
 
 A factorization travels through autograd as a tuple of plain tensors (:attr:`tensors`), so
-it can be an output and an input of ``torch.autograd.Function`` and be batched by vmap.
+it can be an output and an input of ``torch.autograd.Function`` and be batched by vmap;
+``kind(*tensors)`` rebuilds it, with ``kind`` its class.
 """
 
 from __future__ import annotations
@@ -24,12 +29,22 @@ import torch
 from torch import Tensor
 
 from implicit_layers.errors import SingularSystemError
-from implicit_layers.linalg.dense import check_conditioning, default_rcond
+from implicit_layers.linalg.dense import default_rcond
+
+#: default largest ``n + m`` factored as :class:`SignedCholeskyKKT`
+SMALL_KKT_SIZE = 64
+
+
+def batch_shape(*shapes: torch.Size) -> torch.Size:
+    """``torch.broadcast_shapes``, without its cost (~20 µs) when the shapes are equal."""
+    if all(s == shapes[0] for s in shapes[1:]):
+        return shapes[0]
+    return torch.broadcast_shapes(*shapes)
 
 
 def kkt_matrix(Q: Tensor, A: Tensor) -> Tensor:
     """Assemble ``[[Q, Aᵀ], [A, 0]]`` with the broadcast batch shape of Q and A."""
-    batch = torch.broadcast_shapes(Q.shape[:-2], A.shape[:-2])
+    batch = batch_shape(Q.shape[:-2], A.shape[:-2])
     m = A.shape[-2]
     Q, A = Q.expand(*batch, *Q.shape[-2:]), A.expand(*batch, *A.shape[-2:])
     top = torch.cat([Q, A.mT], dim=-1)
@@ -37,21 +52,24 @@ def kkt_matrix(Q: Tensor, A: Tensor) -> Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
+def dense_matvec(M: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
+    """``M v`` (``Mᵀ v``) on batches of vectors. Written as the row-vector product
+    ``(vᵀ Mᵀ)ᵀ``: CPU ``bmm`` with a one-column right operand was ~5× slower than with a
+    one-row left operand (torch 2.13, B=32, 200×100); an unbatched M is one GEMM."""
+    Mt = M if transpose else M.mT
+    if M.ndim == 2:
+        return v @ Mt
+    return (v.unsqueeze(-2) @ Mt).squeeze(-2)
+
+
 def sym_matvec(Q: Tensor, v: Tensor) -> Tensor:
     """``sym(Q) v = (Qv + Qᵀv)/2`` without forming sym(Q)."""
-    V = v.unsqueeze(-1)
-    return ((Q @ V + Q.mT @ V) * 0.5).squeeze(-1)
+    return (dense_matvec(Q, v) + dense_matvec(Q, v, True)) * 0.5
 
 
 def kkt_matvec(Q: Tensor, A: Tensor, x: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """``K (x; λ) = (sym(Q)x + Aᵀλ; Ax)`` on batches of vectors."""
-    Qx = sym_matvec(Q, x)
-    Atl = (A.mT @ lam.unsqueeze(-1)).squeeze(-1)
-    return Qx + Atl, (A @ x.unsqueeze(-1)).squeeze(-1)
-
-
-def dense_matvec(M: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
-    return ((M.mT if transpose else M) @ v.unsqueeze(-1)).squeeze(-1)
+    return sym_matvec(Q, x) + dense_matvec(A, lam, True), dense_matvec(A, x)
 
 
 def tangent_rhs(x, lam, p_dot, q_dot, Q_dot, A_dot, sym_matvec=sym_matvec, matvec=dense_matvec):
@@ -82,7 +100,8 @@ def _columns(solve, fac_batch_ndim: int, rhs: Tensor) -> Tensor:
 
 
 class KKTFactors:
-    """A factored KKT matrix: ``solve(p, q) -> (x, λ)``; ``tensors`` rebuilds it."""
+    """A factored KKT matrix: ``solve(p, q) -> (x, λ)``; ``type(self)(*self.tensors)``
+    rebuilds it."""
 
     #: event ndims of each tensor in :attr:`tensors` (used by the vmap rules)
     event_ndims: tuple[int, ...] = ()
@@ -94,15 +113,6 @@ class KKTFactors:
 
     def solve(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
-
-    @staticmethod
-    def from_tensors(tensors) -> KKTFactors:
-        # the two factorizations are told apart by their number of tensors
-        return SchurKKT(*tensors) if len(tensors) == 3 else LDLKKT(*tensors)
-
-    @staticmethod
-    def event_ndims_of(count: int) -> tuple[int, ...]:
-        return SchurKKT.event_ndims if count == 3 else LDLKKT.event_ndims
 
 
 class SchurKKT(KKTFactors):
@@ -119,23 +129,69 @@ class SchurKKT(KKTFactors):
         return self.L, self.M, self.L_S
 
     @classmethod
-    def factor(cls, Q: Tensor, A: Tensor, rcond: float | None) -> SchurKKT | None:
-        """Factor, or return None when Q or the Schur complement is not safely PD."""
-        L = _safe_cholesky(Q, rcond)
-        if L is None:
-            return None
+    def attempt(cls, Q: Tensor, A: Tensor, rcond: float | None) -> tuple[SchurKKT, Tensor]:
+        """Factor without a host sync: the factors and a 0-d bool tensor, True when Q and
+        the Schur complement are safely positive definite (otherwise the factors are
+        garbage; wasted work only on the way to LDLᵀ)."""
+        L, info = torch.linalg.cholesky_ex(Q)
         M = torch.linalg.solve_triangular(L, A.mT, upper=False)  # L⁻¹Aᵀ, (*, n, m)
-        L_S = _safe_cholesky(M.mT @ M, rcond)
-        return None if L_S is None else cls(L, M, L_S)
+        L_S, info_S = torch.linalg.cholesky_ex(M.mT @ M)
+        rcond = rcond if rcond is not None else torch.finfo(Q.dtype).eps ** 0.5
+        ok = _cholesky_ok(L, info, rcond).all() & _cholesky_ok(L_S, info_S, rcond).all()
+        return cls(L, M, L_S), ok
 
     def solve(self, p, q):
+        # with one (unbatched) factor, all right-hand sides are the columns of one matrix
         fb = self.L.ndim - 2
-        u = _columns(lambda r: torch.linalg.solve_triangular(self.L, r, upper=False), fb, p)
-        Mtu = (self.M.mT @ u.unsqueeze(-1)).squeeze(-1)
-        lam = _columns(lambda r: torch.cholesky_solve(r, self.L_S), fb, Mtu - q)
-        v = u - (self.M @ lam.unsqueeze(-1)).squeeze(-1)
-        x = _columns(lambda r: torch.linalg.solve_triangular(self.L.mT, r, upper=True), fb, v)
+        L, L_S = self.L, self.L_S
+        trsm = torch.linalg.solve_triangular
+        u = _columns(lambda r: trsm(L, r, upper=False), fb, p)
+        # S⁻¹ by two triangular solves: cholesky_solve copies its operands (5× slower here)
+        lam = _columns(lambda r: trsm(L_S.mT, trsm(L_S, r, upper=False), upper=True), fb,
+                       dense_matvec(self.M, u, True) - q)
+        v = u - dense_matvec(self.M, lam)
+        x = _columns(lambda r: trsm(L.mT, r, upper=True), fb, v)
         return x, lam
+
+
+class SignedCholeskyKKT(KKTFactors):
+    """``K = 𝓛 diag(I, −I) 𝓛ᵀ`` with ``𝓛 = [[L, 0], [Mᵀ, L_S]]`` from the Schur factors.
+
+    Check: ``𝓛 diag(I, −I) 𝓛ᵀ = [[LLᵀ, LM], [MᵀLᵀ, MᵀM − L_S L_Sᵀ]] = [[Q, Aᵀ], [A, 0]]``.
+    With ``𝓛' = 𝓛 diag(I, −I)`` (L_S negated), ``K⁻¹ = 𝓛⁻ᵀ 𝓛'⁻¹``: two triangular solves
+    of size n + m. For small systems: fewer torch ops than the Schur solve's four
+    triangular solves and two products, for the same flops; the two N×N copies are why
+    large systems keep :class:`SchurKKT`."""
+
+    event_ndims = (2, 2)
+    name = "dense-signed-cholesky"
+
+    def __init__(self, lower: Tensor, lower_signed: Tensor):
+        self.lower, self.lower_signed = lower, lower_signed
+
+    @property
+    def tensors(self):
+        return self.lower, self.lower_signed
+
+    @classmethod
+    def from_schur(cls, fac: SchurKKT) -> SignedCholeskyKKT:
+        L, M, L_S = fac.tensors
+        n, m = M.shape[-2:]
+        top = torch.cat([L.expand(*M.shape[:-2], n, n), M.new_zeros(*M.shape[:-2], n, m)], -1)
+        Mt = M.mT
+        return cls(torch.cat([top, torch.cat([Mt, L_S], -1)], -2),
+                   torch.cat([top, torch.cat([Mt, -L_S], -1)], -2))
+
+    def solve(self, p, q):
+        n = p.shape[-1]
+        if p.shape[:-1] != q.shape[:-1]:
+            batch = torch.broadcast_shapes(p.shape[:-1], q.shape[:-1])
+            p, q = p.expand(*batch, n), q.expand(*batch, q.shape[-1])
+        trsm = torch.linalg.solve_triangular
+        lower, signed = self.lower, self.lower_signed
+        z = _columns(lambda r: trsm(lower.mT, trsm(signed, r, upper=False), upper=True),
+                     lower.ndim - 2, torch.cat([p, q], -1))
+        return z[..., :n], z[..., n:]
 
 
 class LDLKKT(KKTFactors):
@@ -169,7 +225,7 @@ class LDLKKT(KKTFactors):
 
     def solve(self, p, q):
         n = p.shape[-1]
-        batch = torch.broadcast_shapes(p.shape[:-1], q.shape[:-1])
+        batch = batch_shape(p.shape[:-1], q.shape[:-1])
         r = torch.cat([p.expand(*batch, n), q.expand(*batch, q.shape[-1])], dim=-1)
         LD, piv = self.LD, self.pivots
         if LD.ndim > 2 and LD.shape[:-2] != batch:  # ldl_solve's own broadcasting crashes
@@ -182,7 +238,38 @@ class LDLKKT(KKTFactors):
         return z[..., :n], z[..., n:]
 
 
-def factor_kkt(Q: Tensor, A: Tensor, method: str = "auto", rcond: float | None = None):
+def factor_kind(tensors) -> type[KKTFactors]:
+    """The class of the factorization whose :attr:`~KKTFactors.tensors` these are: three
+    matrices (Schur), two matrices (signed Cholesky), or a matrix and integer pivots (LDLᵀ)."""
+    if len(tensors) == 3:
+        return SchurKKT
+    return SignedCholeskyKKT if tensors[1].is_floating_point() else LDLKKT
+
+
+def try_schur(Q: Tensor, A: Tensor, rcond: float | None,
+              small_size: int = SMALL_KKT_SIZE) -> tuple[KKTFactors, Tensor]:
+    """The Schur form (as :class:`SignedCholeskyKKT` when ``n + m ≤ small_size``) and a
+    0-d bool tensor telling whether it is usable, without a host sync."""
+    fac, ok = SchurKKT.attempt(Q, A, rcond)
+    if Q.shape[-1] + A.shape[-2] <= small_size:
+        return SignedCholeskyKKT.from_schur(fac), ok
+    return fac, ok
+
+
+def fallback_factor(Q: Tensor, A: Tensor, method: str, rcond: float | None) -> LDLKKT:
+    """LDLᵀ of K after the Schur route failed (or for ``method="ldl"``); with
+    ``method="schur"``, the error explaining why the Schur route failed."""
+    if method == "schur":
+        LDLKKT.factor(Q, A, rcond)  # raises with the precise diagnosis if K is bad
+        raise SingularSystemError(
+            "factorization='schur' needs Q and A Q⁻¹Aᵀ safely positive definite (a "
+            "Cholesky failed or is too ill-conditioned); use 'auto' or 'ldl' when Q is "
+            "only positive definite on the null space of A")
+    return LDLKKT.factor(Q, A, rcond)
+
+
+def factor_kkt(Q: Tensor, A: Tensor, method: str = "auto", rcond: float | None = None,
+               small_size: int = SMALL_KKT_SIZE) -> KKTFactors:
     """Factor ``[[Q, Aᵀ], [A, 0]]`` (Q symmetric) by ``method`` in {"auto", "schur", "ldl"}.
 
     "auto" uses the Schur form when Q and A Q⁻¹Aᵀ are safely positive definite and the
@@ -192,31 +279,19 @@ def factor_kkt(Q: Tensor, A: Tensor, method: str = "auto", rcond: float | None =
             positive definite at all with ``method="schur"``); the message says which.
     """
     if method in ("auto", "schur"):
-        fac = SchurKKT.factor(Q, A, rcond)
-        if fac is not None:
+        fac, ok = try_schur(Q, A, rcond, small_size)
+        if bool(ok):
             return fac
-        if method == "schur":
-            LDLKKT.factor(Q, A, rcond)  # raises with the precise diagnosis if K is bad
-            raise SingularSystemError(
-                "factorization='schur' needs Q and A Q⁻¹Aᵀ safely positive definite (a "
-                "Cholesky failed or is too ill-conditioned); use 'auto' or 'ldl' when Q is "
-                "only positive definite on the null space of A")
-    return LDLKKT.factor(Q, A, rcond)
+    return fallback_factor(Q, A, method, rcond)
 
 
-def _safe_cholesky(S: Tensor, rcond: float | None) -> Tensor | None:
-    """Cholesky factor of S, or None when it fails or S looks worse conditioned than
-    ``rcond`` (default √eps: a singular PSD matrix still gives pivots of order √eps, and the
-    Schur route squares the conditioning; the LDLᵀ of K is then the safer route)."""
-    L, info = torch.linalg.cholesky_ex(S)
-    if bool((info > 0).any()):
-        return None
-    rcond = rcond if rcond is not None else torch.finfo(S.dtype).eps ** 0.5
-    try:  # cond(S) ≥ (max/min pivot)²: compare squared pivots
-        check_conditioning(L.diagonal(dim1=-2, dim2=-1) ** 2, rcond, "S")
-    except SingularSystemError:
-        return None
-    return L
+def _cholesky_ok(L: Tensor, info: Tensor, rcond: float) -> Tensor:
+    """Per matrix: the Cholesky succeeded and its pivots d have ``min d² > rcond · max d²``
+    (False on NaN/Inf). With the default rcond = √eps the Schur route rejects matrices that
+    are singular up to rounding (whose pivots are then of order √eps): it squares the
+    conditioning and loses accuracy there; the LDLᵀ of K is then the safer route."""
+    lo, hi = torch.aminmax(L.diagonal(dim1=-2, dim2=-1), dim=-1)
+    return (info == 0) & (lo > rcond**0.5 * hi)  # d > 0 when info = 0: compare d, not d²
 
 
 def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:

@@ -21,31 +21,33 @@ from torch.autograd import Function, forward_ad
 
 from implicit_layers.core.checks import check_policy
 from implicit_layers.core.stats import SolverStats, enforce
-from implicit_layers.layers.eq_qp_dense import _FactoredKKTSolve, _FactorKKT
+from implicit_layers.layers.eq_qp_dense import _FactoredKKTSolve, sym
+from implicit_layers.layers.eq_qp_kkt import factor_kkt
 
 
 class _GivenSolution(Function):
-    """``(refine, Q, A, p, q, x, λ, *factors) -> (x, λ)``: passes an external solver's
-    solution of ``K (x; λ) = (p; q)`` through, differentiated like ``_FactoredKKTSolve``
-    (same saved tensors, same pullback and pushforward, same factors)."""
+    """``(refine, kind, Q, A, p, q, x, λ, *factors) -> (x, λ)``: passes an external
+    solver's solution of ``K (x; λ) = (p; q)`` through, differentiated like
+    ``_FactoredKKTSolve`` (same saved tensors, same pullback and pushforward, same
+    factors)."""
 
     @staticmethod
-    def forward(refine, Q, A, p, q, x, lam, *factors):
+    def forward(refine, kind, Q, A, p, q, x, lam, *factors):
         return x.clone(), lam.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        refine, Q, A, p, q, _x, _lam, *factors = inputs
-        _FactoredKKTSolve.setup_context(ctx, (refine, Q, A, p, q, *factors), output)
+        refine, kind, Q, A, p, q, _x, _lam, *factors = inputs
+        _FactoredKKTSolve.setup_context(ctx, (refine, kind, Q, A, p, q, *factors), output)
 
     @staticmethod
     def backward(ctx, x_bar, lam_bar):
         grads = _FactoredKKTSolve.backward(ctx, x_bar, lam_bar)
-        return grads[:5] + (None, None) + grads[5:]
+        return grads[:6] + (None, None) + grads[6:]
 
     @staticmethod
-    def jvp(ctx, refine, Q_dot, A_dot, p_dot, q_dot, _x_dot, _lam_dot, *factors):
-        return _FactoredKKTSolve.jvp(ctx, refine, Q_dot, A_dot, p_dot, q_dot, *factors)
+    def jvp(ctx, refine, kind, Q_dot, A_dot, p_dot, q_dot, _x_dot, _lam_dot, *factors):
+        return _FactoredKKTSolve.jvp(ctx, refine, kind, Q_dot, A_dot, p_dot, q_dot, *factors)
 
 
 class OSQPBackend:
@@ -87,8 +89,8 @@ class OSQPBackend:
         x, lam = self._solve(Q.detach(), c.detach(), A.detach(), b.detach())
         if not _needs_derivative(Q, c, A, b):
             return x, lam
-        factors = _FactorKKT.apply(Q, A, "auto", None)
-        return _GivenSolution.apply(self.refine, Q, A, -c, b, x, lam, *factors)
+        fac = factor_kkt(sym(Q.detach()), A.detach())  # no gradient: carried by the solve
+        return _GivenSolution.apply(self.refine, type(fac), Q, A, -c, b, x, lam, *fac.tensors)
 
     def _solve(self, Q, c, A, b):
         batch = torch.broadcast_shapes(Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1])
