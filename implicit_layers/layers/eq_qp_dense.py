@@ -33,6 +33,7 @@ from implicit_layers.layers.eq_qp_kkt import (
     factor_kind,
     fallback_factor,
     kkt_matvec,
+    matmul,
     tangent_rhs,
     try_schur,
 )
@@ -52,8 +53,9 @@ def apply(function: type[Function], *args):
 
 
 def sym(Q: Tensor) -> Tensor:
-    """``(Q + Qᵀ)/2`` (not differentiable: used only to factor)."""
-    return torch.add(Q, Q.mT).mul_(0.5)
+    """``(Q + Qᵀ)/2`` in one pass, up to rounding (exactly Q when Q is symmetric); not
+    differentiable: used only to factor."""
+    return torch.lerp(Q, Q.mT, 0.5)
 
 
 def solve_refined(fac: KKTFactors, Q: Tensor, A: Tensor, p: Tensor, q: Tensor, refine: int):
@@ -90,12 +92,12 @@ def solve_eq_qp(Q, c, A, b, backend) -> tuple[Tensor, Tensor, KKTFactors]:
     method, rcond, refine = backend.factorization, backend.rcond, backend.refine
     Q_sym, p = sym(Q), -c
     if method != "ldl":
-        fac, usable = try_schur(Q_sym, A, rcond, backend.small_size)
+        fac, usable, schur = try_schur(Q_sym, A, rcond, backend.small_size)
         x, lam = solve_refined(fac, Q, A, p, b, refine)
         if bool(usable & torch.isfinite(x.sum() + lam.sum())):
             return x, lam, fac
         check_finite_inputs(Q, c, A, b)
-        if bool(usable):  # finite inputs, but (x, λ) overflowed: return what was computed
+        if bool(schur.usable(rcond)):  # and (x, λ) overflowed: return what was computed
             return x, lam, fac
     else:
         check_finite_inputs(Q, c, A, b)
@@ -114,7 +116,12 @@ def _outer_sum(U: Tensor, V: Tensor, shape) -> Tensor:
     summed over the batch dims that ``shape`` does not have (broadcast inputs)."""
     if len(shape) == 2 and U.ndim > 2:  # one matrix shared by the batch: a single GEMM
         return U.movedim(-2, 0).flatten(1) @ V.movedim(-2, 0).flatten(1).mT
-    return (U @ V.mT).sum_to_size(shape)
+    out = matmul(U, V.mT)
+    return out if out.shape == shape else out.sum_to_size(shape)
+
+
+def _sum_to_size(t: Tensor, shape) -> Tensor:
+    return t if t.shape == shape else t.sum_to_size(shape)
 
 
 # Pullback. z = (x; λ) = K⁻¹r with r = (p; q) and K symmetric. Perturbing,
@@ -145,8 +152,8 @@ def kkt_pullback(ctx, x_bar, lam_bar, need) -> tuple:
         Q_bar = _outer_sum(torch.stack([w_x, x], -1) * -0.5, right, Q_shape)
     if need[1]:
         A_bar = _outer_sum(torch.stack([w_l, lam], -1).neg(), right, A_shape)
-    p_bar = w_x.sum_to_size(p_shape) if need[2] else None
-    q_bar = w_l.sum_to_size(q_shape) if need[3] else None
+    p_bar = _sum_to_size(w_x, p_shape) if need[2] else None
+    q_bar = _sum_to_size(w_l, q_shape) if need[3] else None
     return Q_bar, A_bar, p_bar, q_bar
 
 

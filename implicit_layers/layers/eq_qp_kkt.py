@@ -52,6 +52,14 @@ def kkt_matrix(Q: Tensor, A: Tensor) -> Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``, calling ``torch.bmm`` directly for two 3-D operands with one batch size
+    (``torch.matmul``'s dispatch costs twice a small product)."""
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b)
+    return a @ b
+
+
 def dense_matvec(M: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
     """``M v`` (``Mᵀ v``) on batches of vectors. Written as the row-vector product
     ``(vᵀ Mᵀ)ᵀ``: CPU ``bmm`` with a one-column right operand was ~5× slower than with a
@@ -59,7 +67,7 @@ def dense_matvec(M: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
     Mt = M if transpose else M.mT
     if M.ndim == 2:
         return v @ Mt
-    return (v.unsqueeze(-2) @ Mt).squeeze(-2)
+    return matmul(v.unsqueeze(-2), Mt).squeeze(-2)
 
 
 def sym_matvec(Q: Tensor, v: Tensor) -> Tensor:
@@ -129,16 +137,22 @@ class SchurKKT(KKTFactors):
         return self.L, self.M, self.L_S
 
     @classmethod
-    def attempt(cls, Q: Tensor, A: Tensor, rcond: float | None) -> tuple[SchurKKT, Tensor]:
-        """Factor without a host sync: the factors and a 0-d bool tensor, True when Q and
-        the Schur complement are safely positive definite (otherwise the factors are
-        garbage; wasted work only on the way to LDLᵀ)."""
+    def unchecked(cls, Q: Tensor, A: Tensor) -> SchurKKT:
+        """Factor without any check (no host sync): see :meth:`usable`. When Q is not
+        positive definite the factors are garbage (wasted work only on the way to LDLᵀ)."""
         L, info = torch.linalg.cholesky_ex(Q)
         M = torch.linalg.solve_triangular(L, A.mT, upper=False)  # L⁻¹Aᵀ, (*, n, m)
-        L_S, info_S = torch.linalg.cholesky_ex(M.mT @ M)
-        rcond = rcond if rcond is not None else torch.finfo(Q.dtype).eps ** 0.5
-        ok = _cholesky_ok(L, info, rcond).all() & _cholesky_ok(L_S, info_S, rcond).all()
-        return cls(L, M, L_S), ok
+        L_S, info_S = torch.linalg.cholesky_ex(matmul(M.mT, M))
+        fac = cls(L, M, L_S)
+        fac.info = info + info_S  # > 0 where a Cholesky failed
+        return fac
+
+    def usable(self, rcond: float | None) -> Tensor:
+        """0-d bool tensor: both Cholesky factorizations succeeded and passed
+        :func:`_cholesky_ok`, in every matrix of the batch."""
+        rcond = _schur_rcond(rcond, self.L.dtype)
+        ok_S = _cholesky_ok(self.L_S, self.info, rcond)  # info covers both factorizations
+        return _cholesky_ok(self.L, torch.zeros_like(self.info), rcond).all() & ok_S.all()
 
     def solve(self, p, q):
         # with one (unbatched) factor, all right-hand sides are the columns of one matrix
@@ -176,11 +190,22 @@ class SignedCholeskyKKT(KKTFactors):
     @classmethod
     def from_schur(cls, fac: SchurKKT) -> SignedCholeskyKKT:
         L, M, L_S = fac.tensors
-        n, m = M.shape[-2:]
-        top = torch.cat([L.expand(*M.shape[:-2], n, n), M.new_zeros(*M.shape[:-2], n, m)], -1)
+        m = M.shape[-1]
+        top = torch.nn.functional.pad(L, (0, m))  # [L, 0]
+        if top.shape[:-2] != M.shape[:-2]:
+            top = top.expand(*M.shape[:-2], *top.shape[-2:])
         Mt = M.mT
         return cls(torch.cat([top, torch.cat([Mt, L_S], -1)], -2),
                    torch.cat([top, torch.cat([Mt, -L_S], -1)], -2))
+
+    def quick_usable(self, info: Tensor, rcond: float | None) -> Tensor:
+        """A sufficient condition for :meth:`SchurKKT.usable`, in fewer torch ops: one
+        pivot ratio over the diagonal of 𝓛, i.e. the pivots of L and L_S together (if it
+        holds for the union it holds for each). It can fail for a usable factorization
+        whose Q and Schur complement have very different scales; then ask the Schur form."""
+        lo, hi = torch.aminmax(self.lower.diagonal(dim1=-2, dim2=-1), dim=-1)
+        ok = (lo > _schur_rcond(rcond, lo.dtype) ** 0.5 * hi) & torch.logical_not(info)
+        return ok.all()
 
     def solve(self, p, q):
         n = p.shape[-1]
@@ -246,14 +271,18 @@ def factor_kind(tensors) -> type[KKTFactors]:
     return SignedCholeskyKKT if tensors[1].is_floating_point() else LDLKKT
 
 
-def try_schur(Q: Tensor, A: Tensor, rcond: float | None,
-              small_size: int = SMALL_KKT_SIZE) -> tuple[KKTFactors, Tensor]:
-    """The Schur form (as :class:`SignedCholeskyKKT` when ``n + m ≤ small_size``) and a
-    0-d bool tensor telling whether it is usable, without a host sync."""
-    fac, ok = SchurKKT.attempt(Q, A, rcond)
+def try_schur(Q: Tensor, A: Tensor, rcond: float | None, small_size: int = SMALL_KKT_SIZE
+              ) -> tuple[KKTFactors, Tensor, SchurKKT]:
+    """The Schur form without a host sync: ``(factors, usable, schur)``. ``factors`` is
+    ``schur`` itself or, for ``n + m ≤ small_size``, its :class:`SignedCholeskyKKT` form;
+    ``usable`` is a 0-d bool tensor. For the small form it is the conservative
+    :meth:`~SignedCholeskyKKT.quick_usable`: when it is False, ``schur.usable(rcond)`` has
+    the final word."""
+    schur = SchurKKT.unchecked(Q, A)
     if Q.shape[-1] + A.shape[-2] <= small_size:
-        return SignedCholeskyKKT.from_schur(fac), ok
-    return fac, ok
+        fac = SignedCholeskyKKT.from_schur(schur)
+        return fac, fac.quick_usable(schur.info, rcond), schur
+    return schur, schur.usable(rcond), schur
 
 
 def fallback_factor(Q: Tensor, A: Tensor, method: str, rcond: float | None) -> LDLKKT:
@@ -279,10 +308,14 @@ def factor_kkt(Q: Tensor, A: Tensor, method: str = "auto", rcond: float | None =
             positive definite at all with ``method="schur"``); the message says which.
     """
     if method in ("auto", "schur"):
-        fac, ok = try_schur(Q, A, rcond, small_size)
-        if bool(ok):
+        fac, usable, schur = try_schur(Q, A, rcond, small_size)
+        if bool(usable) or (fac is not schur and bool(schur.usable(rcond))):
             return fac
     return fallback_factor(Q, A, method, rcond)
+
+
+def _schur_rcond(rcond: float | None, dtype: torch.dtype) -> float:
+    return rcond if rcond is not None else torch.finfo(dtype).eps ** 0.5
 
 
 def _cholesky_ok(L: Tensor, info: Tensor, rcond: float) -> Tensor:
@@ -291,7 +324,7 @@ def _cholesky_ok(L: Tensor, info: Tensor, rcond: float) -> Tensor:
     are singular up to rounding (whose pivots are then of order √eps): it squares the
     conditioning and loses accuracy there; the LDLᵀ of K is then the safer route."""
     lo, hi = torch.aminmax(L.diagonal(dim1=-2, dim2=-1), dim=-1)
-    return (info == 0) & (lo > rcond**0.5 * hi)  # d > 0 when info = 0: compare d, not d²
+    return torch.logical_not(info) & (lo > rcond**0.5 * hi)  # d > 0 when info = 0: d, not d²
 
 
 def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
