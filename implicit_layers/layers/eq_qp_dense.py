@@ -28,7 +28,7 @@ from torch.autograd import Function
 
 from implicit_layers.core.checks import check_tensor
 from implicit_layers.layers.eq_qp_kkt import (
-    SMALL_KKT_SIZE,
+    SMALL_KKT_NUMEL,
     KKTFactors,
     factor_kind,
     fallback_factor,
@@ -58,13 +58,14 @@ def sym(Q: Tensor) -> Tensor:
     return torch.lerp(Q, Q.mT, 0.5)
 
 
-def solve_refined(fac: KKTFactors, Q: Tensor, A: Tensor, p: Tensor, q: Tensor, refine: int):
-    """Solve ``K z = (p; q)`` with ``refine`` steps of iterative refinement
-    ``z ← z + K⁻¹((p; q) − K z)`` (Q read as sym(Q))."""
+def solve_refined(fac: KKTFactors, Q: Tensor, A: Tensor, p: Tensor, q: Tensor | None,
+                  refine: int):
+    """Solve ``K z = (p; q)`` (``q = None``: zero) with ``refine`` steps of iterative
+    refinement ``z ← z + K⁻¹((p; q) − K z)`` (Q read as sym(Q))."""
     x, lam = fac.solve(p, q)
     for _ in range(refine):
         Kx, Kl = kkt_matvec(Q, A, x, lam)
-        dx, dl = fac.solve(p - Kx, q - Kl)
+        dx, dl = fac.solve(p - Kx, -Kl if q is None else q - Kl)
         x, lam = x + dx, lam + dl
     return x, lam
 
@@ -92,7 +93,7 @@ def solve_eq_qp(Q, c, A, b, backend) -> tuple[Tensor, Tensor, KKTFactors]:
     method, rcond, refine = backend.factorization, backend.rcond, backend.refine
     Q_sym, p = sym(Q), -c
     if method != "ldl":
-        fac, usable, schur = try_schur(Q_sym, A, rcond, backend.small_size)
+        fac, usable, schur = try_schur(Q_sym, A, rcond, backend.small_numel)
         x, lam = solve_refined(fac, Q, A, p, b, refine)
         if bool(usable & torch.isfinite(x.sum() + lam.sum())):
             return x, lam, fac
@@ -138,9 +139,11 @@ def kkt_pullback(ctx, x_bar, lam_bar, need) -> tuple:
     saved by :func:`save_kkt_solve`; ``x_bar`` or ``lam_bar`` may be None (zero)."""
     Q, A, x, lam, *factors = ctx.saved_tensors
     Q_shape, A_shape, p_shape, q_shape = ctx.shapes
-    x_bar = torch.zeros_like(x) if x_bar is None else x_bar
-    lam_bar = torch.zeros_like(lam) if lam_bar is None else lam_bar
+    if x_bar is None:
+        x_bar = torch.zeros_like(x)
     if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        if lam_bar is None:
+            lam_bar = torch.zeros_like(lam)
         w_x, w_l = apply(_FactoredKKTSolve, ctx.refine, ctx.kind, Q, A, x_bar, lam_bar,
                          *factors)
     else:  # a plain backward: nothing to record
@@ -253,8 +256,9 @@ class DenseKKTBackend:
         refine: steps of iterative refinement applied to every solve (forward, adjoint,
             tangent); default 0; 1–2 bring ill-conditioned problems to ~machine precision.
         rcond: pivot-ratio threshold for singularity (default ``N · eps``).
-        small_size: up to this ``n + m`` the Schur factors are assembled into one
-            triangular factor of K (fewer, larger torch ops; 0 disables).
+        small_numel: up to this batch size × (n + m)² the Schur factors are assembled
+            into one triangular factor of K (fewer torch ops, for small problems whose
+            time is op overhead; 0 disables).
 
     >>> import torch
     >>> Q, c = torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
@@ -269,14 +273,14 @@ class DenseKKTBackend:
     checks_finite = True
 
     def __init__(self, factorization: str = "auto", refine: int = 0, rcond: float | None = None,
-                 small_size: int = SMALL_KKT_SIZE):
+                 small_numel: int = SMALL_KKT_NUMEL):
         if factorization not in ("auto", "schur", "ldl"):
             raise ValueError(
                 f"factorization must be 'auto', 'schur' or 'ldl', got {factorization!r}")
         if int(refine) < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
         self.factorization, self.refine, self.rcond = factorization, int(refine), rcond
-        self.small_size = int(small_size)
+        self.small_numel = int(small_numel)
 
     def __call__(self, Q: Tensor, c: Tensor, A: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         x, lam, *_factors = apply(_SolveEqQP, Q, c, A, b, self)
