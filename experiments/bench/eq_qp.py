@@ -50,8 +50,13 @@ def reference_grads(Q, c, A, b, weight):
     return {k: torch.as_tensor(np.array(v)) for k, v in out.items()}
 
 
-def ours(Q, c, A, b):
-    return il.EqualityQPLayer("dense")(Q, c, A, b)[0]
+def ours_solver():
+    layer = il.EqualityQPLayer("dense")  # built once, like the cvxpylayers layer
+
+    def solve(Q, c, A, b):
+        return layer(Q, c, A, b)[0]
+
+    return solve
 
 
 def kkt_solve_autograd(Q, c, A, b):
@@ -107,7 +112,7 @@ def dense_rows(cfg) -> list[dict]:
     for B, n, m in cfg.cases:
         inputs, weight = make_problem(B, n, m, cfg.seed)
         ref = reference_grads(*inputs, weight)
-        t_ours, e_ours = measure(ours, inputs, weight, ref, cfg.repeat)
+        t_ours, e_ours = measure(ours_solver(), inputs, weight, ref, cfg.repeat)
         t_kkt, e_kkt = measure(kkt_solve_autograd, inputs, weight, ref, cfg.repeat)
         row = {"case": f"B={B} n={n} m={m}", "ours_s": t_ours, "ours_grad_err": e_ours,
                "kkt_solve_s": t_kkt, "kkt_solve_grad_err": e_kkt,

@@ -10,13 +10,17 @@ import implicit_layers as il
 from implicit_layers import functional as F
 from tests.layers.eq_qp_problems import DT, count_calls, kkt_residual, random_qp, reference
 
-FACTORIZATIONS = ["schur", "ldl"]
+# "schur": the Schur-complement solve itself; "schur-small": its signed-Cholesky form, which
+# "auto" and "schur" use for small problems (all of these tests' problems are small)
+FACTORIZATIONS = ["schur", "schur-small", "ldl"]
 # forward_ad's internals trigger torch's own deprecation warning of torch.jit.script
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
 def layer(factorization="auto", refine=1):
-    return il.EqualityQPLayer(il.DenseKKTBackend(factorization, refine=refine))
+    name, _, small = factorization.partition("-")
+    small_numel = {} if small or name == "auto" else {"small_numel": 0}
+    return il.EqualityQPLayer(il.DenseKKTBackend(name, refine=refine, **small_numel))
 
 
 @pytest.mark.parametrize("factorization", ["auto", *FACTORIZATIONS])
@@ -158,7 +162,8 @@ def test_factorization_is_computed_once(monkeypatch, factorization):
     inputs = [t.clone().requires_grad_() for t in (Q, c, A, b)]
     x, lam = layer(factorization)(*inputs)
     after_forward = calls["n"]
-    assert after_forward == (2 if factorization == "schur" else 1)  # chol(Q)+chol(S) or LDLᵀ
+    # chol(Q) + chol(S), or LDLᵀ
+    assert after_forward == (2 if factorization.startswith("schur") else 1)
     grads = torch.autograd.grad((x.square().sum() + lam.sum()), inputs, create_graph=True)
     sum(g.square().sum() for g in grads).backward()  # double backward
     with forward_ad.dual_level():
@@ -175,6 +180,42 @@ def test_float32():
     x_ref, lam_ref = reference(Q, c, A, b)
     torch.testing.assert_close(x.double(), x_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lam.double(), lam_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("factorization", ["auto", *FACTORIZATIONS])
+@pytest.mark.parametrize("name", ["Q", "c", "A", "b"])
+def test_non_finite_input_raises_value_error_naming_it(factorization, name):
+    # the dense backend's NaN/Inf check rides on its factorization check (one host sync)
+    args = dict(zip("QcAb", random_qp((2,), n=4, m=2), strict=True))
+    args[name] = args[name].clone()
+    args[name].view(-1)[-1] = float("nan")
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        layer(factorization)(*args.values())
+    args[name].view(-1)[-1] = float("inf")
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        layer(factorization)(*args.values())
+
+
+def test_overflowing_solution_of_finite_inputs_is_returned_as_computed():
+    # x = (0, −c₂/0.01, −c₃/0.01) = (0, −1e309, −1e309): finite inputs, an overflowing x
+    # (Inf − Inf in the substitutions turns it into NaN): returned, not a ValueError
+    Q, A = 0.01 * torch.eye(3, dtype=DT), torch.tensor([[1.0, 0.0, 0.0]], dtype=DT)
+    c, b = torch.full((3,), 1e307, dtype=DT), torch.zeros(1, dtype=DT)
+    x, lam = layer(refine=0)(Q, c, A, b)
+    assert not bool(torch.isfinite(x).any())
+
+
+def test_small_form_with_very_differently_scaled_blocks(monkeypatch):
+    # pivots of Q ~ 1e4 and of A Q⁻¹Aᵀ ~ 1e-4: the small form's one-ratio check fails, the
+    # per-matrix check passes, and the Schur factors are kept (no LDLᵀ)
+    calls = count_calls(monkeypatch, ("cholesky_ex", "ldl_factor_ex"))
+    Q, c, A, b = random_qp((2,), n=5, m=2)
+    Q = Q * 1e8
+    x, lam = layer("schur-small", refine=0)(Q, c, A, b)
+    x_ref, lam_ref = reference(Q, c, A, b)
+    torch.testing.assert_close(x, x_ref, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-9, atol=1e-6)
+    assert calls["n"] == 2  # chol(Q) and chol(S), no LDLᵀ
 
 
 def test_refinement_on_ill_conditioned_problem():
