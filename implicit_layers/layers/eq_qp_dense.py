@@ -53,9 +53,11 @@ def apply(function: type[Function], *args):
 
 
 def sym(Q: Tensor) -> Tensor:
-    """``(Q + Qᵀ)/2`` in one pass, up to rounding (exactly Q when Q is symmetric); not
-    differentiable: used only to factor."""
-    return torch.lerp(Q, Q.mT, 0.5)
+    """``(Q + Qᵀ)/2`` in one pass, up to rounding (exactly Q when Q is symmetric), stored
+    column-major so that LAPACK can factor it in place; not differentiable: used only to
+    factor."""
+    out = torch.empty_like(Q, memory_format=torch.contiguous_format).mT
+    return torch.lerp(Q, Q.mT, 0.5, out=out)
 
 
 def solve_refined(fac: KKTFactors, Q: Tensor, A: Tensor, p: Tensor, q: Tensor | None,
@@ -91,9 +93,9 @@ def solve_eq_qp(Q, c, A, b, backend) -> tuple[Tensor, Tensor, KKTFactors]:
     c or b reaches x or λ); only then are the inputs checked one by one, to name the bad
     one, and the LDLᵀ fallback (with its diagnosis of a singular K) is run."""
     method, rcond, refine = backend.factorization, backend.rcond, backend.refine
-    Q_sym, p = sym(Q), -c
-    if method != "ldl":
-        fac, usable, schur = try_schur(Q_sym, A, rcond, backend.small_numel)
+    p = -c
+    if method != "ldl":  # Cholesky of sym(Q) in place: sym(Q) is not kept
+        fac, usable, schur = try_schur(sym(Q), A, rcond, backend.small_numel, overwrite_q=True)
         x, lam = solve_refined(fac, Q, A, p, b, refine)
         if bool(usable & torch.isfinite(x.sum() + lam.sum())):
             return x, lam, fac
@@ -102,7 +104,7 @@ def solve_eq_qp(Q, c, A, b, backend) -> tuple[Tensor, Tensor, KKTFactors]:
             return x, lam, fac
     else:
         check_finite_inputs(Q, c, A, b)
-    fac = fallback_factor(Q_sym, A, method, rcond)
+    fac = fallback_factor(sym(Q), A, method, rcond)
     return (*solve_refined(fac, Q, A, p, b, refine), fac)
 
 

@@ -140,12 +140,15 @@ class SchurKKT(KKTFactors):
         return self.L, self.M, self.L_S
 
     @classmethod
-    def unchecked(cls, Q: Tensor, A: Tensor) -> SchurKKT:
+    def unchecked(cls, Q: Tensor, A: Tensor, overwrite_q: bool = False) -> SchurKKT:
         """Factor without any check (no host sync): see :meth:`usable`. When Q is not
-        positive definite the factors are garbage (wasted work only on the way to LDLᵀ)."""
-        L, info = torch.linalg.cholesky_ex(Q)
+        positive definite the factors are garbage (wasted work only on the way to LDLᵀ).
+        ``overwrite_q=True`` factors Q in its own storage (no copy, no allocation when Q
+        is column-major); the Schur complement is always factored in place."""
+        L, info = _cholesky_in_place(Q) if overwrite_q else torch.linalg.cholesky_ex(Q)
         M = torch.linalg.solve_triangular(L, A.mT, upper=False)  # L⁻¹Aᵀ, (*, n, m)
-        L_S, info_S = torch.linalg.cholesky_ex(matmul(M.mT, M))
+        # S = MᵀM is symmetric: its transposed view is the column-major layout LAPACK wants
+        L_S, info_S = _cholesky_in_place(matmul(M.mT, M).mT)
         fac = cls(L, M, L_S)
         fac.info = info + info_S  # > 0 where a Cholesky failed
         return fac
@@ -281,15 +284,15 @@ def factor_kind(tensors) -> type[KKTFactors]:
     return SignedCholeskyKKT if tensors[1].is_floating_point() else LDLKKT
 
 
-def try_schur(Q: Tensor, A: Tensor, rcond: float | None, small_numel: int = SMALL_KKT_NUMEL
-              ) -> tuple[KKTFactors, Tensor, SchurKKT]:
+def try_schur(Q: Tensor, A: Tensor, rcond: float | None, small_numel: int = SMALL_KKT_NUMEL,
+              overwrite_q: bool = False) -> tuple[KKTFactors, Tensor, SchurKKT]:
     """The Schur form without a host sync: ``(factors, usable, schur)``. ``factors`` is
     ``schur`` itself or, when batch size × (n + m)² ≤ ``small_numel``, its
     :class:`SignedCholeskyKKT` form;
     ``usable`` is a 0-d bool tensor. For the small form it is the conservative
     :meth:`~SignedCholeskyKKT.quick_usable`: when it is False, ``schur.usable(rcond)`` has
-    the final word."""
-    schur = SchurKKT.unchecked(Q, A)
+    the final word. ``overwrite_q``: see :meth:`SchurKKT.unchecked`."""
+    schur = SchurKKT.unchecked(Q, A, overwrite_q)
     N = Q.shape[-1] + A.shape[-2]
     if schur.M.shape[:-2].numel() * N * N <= small_numel:
         fac = SignedCholeskyKKT.from_schur(schur)
@@ -324,6 +327,14 @@ def factor_kkt(Q: Tensor, A: Tensor, method: str = "auto", rcond: float | None =
         if bool(usable) or (fac is not schur and bool(schur.usable(rcond))):
             return fac
     return fallback_factor(Q, A, method, rcond)
+
+
+def _cholesky_in_place(S: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.cholesky_ex(S)`` written into S's own storage. Large temporaries cost
+    page faults on every call on a CPU (glibc hands freed blocks back to the OS): one
+    fewer n×n buffer per factorization shows in the timings."""
+    info = torch.empty(S.shape[:-2], dtype=torch.int32, device=S.device)
+    return torch.linalg.cholesky_ex(S, out=(S, info))
 
 
 def _schur_rcond(rcond: float | None, dtype: torch.dtype) -> float:
