@@ -109,6 +109,16 @@ def _columns(solve, fac_batch_ndim: int, rhs: Tensor) -> Tensor:
     return solve(rhs.unsqueeze(-1)).squeeze(-1)
 
 
+def _stacked(p: Tensor, q: Tensor | None, N: int) -> Tensor:
+    """``(p; q)`` as one batch of vectors of length N (broadcast; ``q = None``: zero)."""
+    if q is None:
+        return torch.nn.functional.pad(p, (0, N - p.shape[-1]))
+    if p.shape[:-1] != q.shape[:-1]:
+        batch = torch.broadcast_shapes(p.shape[:-1], q.shape[:-1])
+        p, q = p.expand(*batch, p.shape[-1]), q.expand(*batch, q.shape[-1])
+    return torch.cat([p, q], -1)
+
+
 class KKTFactors:
     """A factored KKT matrix: ``solve(p, q) -> (x, λ)``; ``type(self)(*self.tensors)``
     rebuilds it."""
@@ -216,13 +226,7 @@ class SignedCholeskyKKT(KKTFactors):
 
     def solve(self, p, q):
         n = p.shape[-1]
-        if q is None:
-            r = torch.nn.functional.pad(p, (0, self.lower.shape[-1] - n))
-        else:
-            if p.shape[:-1] != q.shape[:-1]:
-                batch = torch.broadcast_shapes(p.shape[:-1], q.shape[:-1])
-                p, q = p.expand(*batch, n), q.expand(*batch, q.shape[-1])
-            r = torch.cat([p, q], -1)
+        r = _stacked(p, q, self.lower.shape[-1])
         trsm = torch.linalg.solve_triangular
         lower, signed = self.lower, self.lower_signed
         z = _columns(lambda r: trsm(lower.mT, trsm(signed, r, upper=False), upper=True),
@@ -261,10 +265,8 @@ class LDLKKT(KKTFactors):
 
     def solve(self, p, q):
         n = p.shape[-1]
-        if q is None:
-            q = p.new_zeros(self.LD.shape[-1] - n)
-        batch = batch_shape(p.shape[:-1], q.shape[:-1])
-        r = torch.cat([p.expand(*batch, n), q.expand(*batch, q.shape[-1])], dim=-1)
+        r = _stacked(p, q, self.LD.shape[-1])
+        batch = r.shape[:-1]
         LD, piv = self.LD, self.pivots
         if LD.ndim > 2 and LD.shape[:-2] != batch:  # ldl_solve's own broadcasting crashes
             full = torch.broadcast_shapes(batch, LD.shape[:-2])
