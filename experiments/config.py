@@ -31,6 +31,7 @@ class PathsConfig:
 class TrainConfig:
     name: str = MISSING  # the experiment's name, written to summary.json
     seed: int = 0
+    threads: int | None = 1  # torch intra-op CPU threads for this run (None: torch's default)
     ckpt_path: str | None = None  # resume a killed run from this checkpoint
     test: bool = True  # run the test loop after fitting
     targets: dict[str, str] = field(default_factory=dict)  # metric -> ">= 0.97" (recorded)

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import check_targets, register
 from experiments.summary import final_metrics, write_summary
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # absolute: works however it's imported
 register()
 # Tiny in-memory datasets: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -28,6 +30,16 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 def train(cfg: DictConfig) -> dict:
     """Fit and test the configured experiment; return the summary written to ``summary.json``."""
     check_targets(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -61,7 +73,7 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     summary = train(cfg)
     metric = next(iter(cfg.targets), None)  # a sweeper optimizes the first target
