@@ -5,6 +5,7 @@ command line):
 
 * the top level is a structured config (:class:`TrainConfig`, registered as ``train_schema``),
   so an unknown top-level key fails while Hydra composes the config;
+* ``+key=value`` appends are checked against the schema too (:func:`check_config`);
 * every node with a ``_target_`` is checked against the signature of what it builds
   (:func:`check_targets`) before anything is instantiated, so ``model.lerning_rate`` fails
   with the list of accepted keys instead of a late ``TypeError`` (or nothing at all).
@@ -13,7 +14,7 @@ command line):
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -45,6 +46,17 @@ class TrainConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject top-level keys outside :class:`TrainConfig` (Hydra lets ``+key=value`` append
+    them) and unknown keys of every ``_target_`` node; raises ``ValueError`` naming the key."""
+    known = {f.name for f in fields(TrainConfig)} | {"hydra"}
+    unknown = sorted(str(k) for k in cfg if k not in known)
+    if unknown:
+        raise ValueError(f"unknown top-level config key(s) {', '.join(unknown)} "
+                         f"(accepted: {', '.join(sorted(known - {'hydra'}))})")
+    check_targets(cfg)
 
 
 def check_targets(cfg: DictConfig | ListConfig, where: str = "") -> None:

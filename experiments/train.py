@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import check_targets, register
+from experiments.config import check_config, register
 from experiments.summary import final_metrics, write_summary
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # absolute: works however it's imported
@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 def train(cfg: DictConfig) -> dict:
     """Fit and test the configured experiment; return the summary written to ``summary.json``."""
-    check_targets(cfg)
+    check_config(cfg)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
