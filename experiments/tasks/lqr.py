@@ -124,15 +124,16 @@ class LQRGain(TaskModule):
 
     def training_step(self, system, _idx):
         J = self.cost(system)
-        self.log_dict({"train_loss": J, **self._errors(float(J))}, prog_bar=True)
+        self.log_dict({"train_loss": J, **self._errors(float(J))}, prog_bar=True, batch_size=1)
         return J
 
     def validation_step(self, system, _idx):
         J = self.cost(system)
-        self.log_dict({"val_loss": J, **{f"val_{k}": v for k, v in self._errors(float(J)).items()}})
+        errors = {f"val_{k}": v for k, v in self._errors(float(J)).items()}
+        self.log_dict({"val_loss": J, **errors}, batch_size=1)
 
     def test_step(self, system, _idx):
         # independent check: the cost of the learned gain by SciPy, not by the layer
         data = self.trainer.datamodule
         J = lqr_cost(self.K.detach().cpu().numpy(), **data.system)
-        self.log_dict({"test_loss": J, "optimal_cost": data.J_star, **self._errors(J)})
+        self.log_dict({"test_loss": J, "optimal_cost": data.J_star, **self._errors(J)}, batch_size=1)
