@@ -6,8 +6,6 @@ solver outside the autograd graph; the backward pass solves ``(∂_y f)ᵀ w = �
 """
 
 from implicit_layers import functional
-
-# --- core (issue 2) ---
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint, FixedPointAdjoint, KrylovAdjoint
 from implicit_layers.core.implicit import ImplicitFunction, ImplicitLayer
 from implicit_layers.core.stats import LayerStats, SolverStats
@@ -17,13 +15,47 @@ from implicit_layers.errors import (
     ImplicitLayerError,
     SingularSystemError,
 )
+from implicit_layers.layers.deq import DEQLayer
+from implicit_layers.layers.deq_adjoint import JacobianFreeAdjoint, PhantomAdjoint
+from implicit_layers.layers.eq_qp import EqualityQPLayer
+from implicit_layers.layers.eq_qp_dense import DenseKKTBackend
+from implicit_layers.layers.eq_qp_osqp import OSQPBackend
+from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend
+from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
+from implicit_layers.layers.qp import QPLayer
+from implicit_layers.layers.qp_osqp import OSQP
 from implicit_layers.layers.root_find import RootFindLayer
+from implicit_layers.layers.sylvester import SylvesterLayer
 from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
-from implicit_layers.solvers import Broyden, Newton, Picard, RootProblem, RootSolver, ScipyRoot
+from implicit_layers.solvers import (
+    Anderson,
+    Broyden,
+    InteriorPoint,
+    Newton,
+    Picard,
+    QPStatus,
+    RootProblem,
+    RootSolver,
+    ScipyRoot,
+    SolveResult,
+)
 
-# --- layers: equality QP (issue 3) ---
-# --- layers: Lyapunov (issue 4) ---
-# --- layers: DEQ (issue 5) ---
-# --- layers: QP (issue 7) ---
-
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    # layers
+    "ImplicitLayer", "RootFindLayer", "EqualityQPLayer", "QPLayer", "LyapunovLayer",
+    "DiscreteLyapunovLayer", "SylvesterLayer", "DEQLayer", "ImplicitFunction",
+    # forward solvers
+    "RootSolver", "RootProblem", "SolveResult", "Newton", "Broyden", "Picard", "Anderson",
+    "ScipyRoot", "InteriorPoint", "QPStatus", "OSQP",
+    # adjoints (how backward / JVP systems are solved)
+    "Adjoint", "DirectAdjoint", "KrylovAdjoint", "FixedPointAdjoint", "PhantomAdjoint",
+    "JacobianFreeAdjoint",
+    # QP backends
+    "DenseKKTBackend", "SparseKKTBackend", "OSQPBackend",
+    # linear algebra
+    "LU", "Cholesky", "CG", "GMRES", "BiCGStab",
+    # stats and errors
+    "SolverStats", "LayerStats", "ImplicitLayerError", "ConvergenceError", "SingularSystemError",
+    "ConvergenceWarning",
+    "functional",
+]

@@ -54,25 +54,41 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, device=No
 
 
 def saved_tensor_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of all tensors that autograd saves for backward while ``fn()`` runs.
+    """Bytes of the tensors that the autograd graph of ``fn()``'s output keeps for backward.
 
-    This is the memory a backward pass keeps alive, the quantity implicit differentiation
-    saves over unrolling, and it is measurable on CPU as well as CUDA.
+    ``fn`` must return the output tensor (or a tuple of them). The graph is walked node by
+    node and every saved tensor counted once per storage; this is the memory a backward pass
+    keeps alive (what implicit differentiation saves over unrolling), measurable on CPU too.
+    (Saved-tensor hooks cannot be used: torch.func refuses to run under them.)
     """
-    total = 0
+    out = fn()
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    storages: dict[int, int] = {}
     seen: set[int] = set()
+    stack = [t.grad_fn for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
-    def pack(t: torch.Tensor):
-        nonlocal total
-        key = id(t.untyped_storage()) if t.layout == torch.strided else id(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes() if t.layout == torch.strided else 0
-        return t
+    def count(t):
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        elif isinstance(t, (tuple, list)):
+            for item in t:
+                count(item)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                count(getattr(node, attr, None))
+        try:
+            count(node.saved_tensors)  # custom autograd.Function nodes
+        except (AttributeError, RuntimeError):
+            pass
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return sum(storages.values())
 
 
 def cuda_peak_bytes(fn: Callable[[], object]) -> int | None:

@@ -30,7 +30,20 @@ from implicit_layers.solvers.base import RootProblem, RootSolver
 
 
 class Adjoint(ABC):
-    """Solves ``J v = b`` or ``Jᵀ v = b`` at the solution of the forward problem."""
+    """Solves ``J v = b`` or ``Jᵀ v = b`` at the solution of the forward problem.
+
+    Subclass it to supply a problem-specific solve; ``lin.aux`` holds whatever the forward
+    solver returned for reuse (see the README).
+
+    >>> import torch, implicit_layers as il
+    >>> class Identity(il.Adjoint):          # valid when ∂f/∂y = I, e.g. f = y − x
+    ...     def solve(self, lin, rhs, transpose):
+    ...         return rhs, il.SolverStats.exact("identity", lin.batch_shape)
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> y = il.functional.root_find(lambda x, y: y - x, x, torch.zeros(2, dtype=torch.float64),
+    ...                             adjoint=Identity())
+    >>> torch.autograd.grad(y.sum(), x)[0]
+    tensor([1., 1.], dtype=torch.float64)"""
 
     @abstractmethod
     def solve(self, lin: Linearization, rhs: Tensor, transpose: bool) -> tuple[Tensor, SolverStats]:
@@ -80,6 +93,15 @@ class DirectAdjoint(Adjoint):
 class KrylovAdjoint(Adjoint):
     """Matrix-free solves with a Krylov method (products are JVPs/VJPs of the residual).
 
+    >>> import torch, implicit_layers as il
+    >>> x = torch.tensor([0.5, -0.5], dtype=torch.float64, requires_grad=True)
+    >>> y = il.functional.root_find(lambda x, y: torch.tanh(y) + y - x, x,
+    ...                             torch.zeros(2, dtype=torch.float64),
+    ...                             adjoint=il.KrylovAdjoint(il.GMRES(rtol=1e-12)))
+    >>> g = torch.autograd.grad(y.sum(), x)[0]           # 1 / (1 + sech²(y))
+    >>> torch.allclose(g, 1 / (2 - torch.tanh(y.detach()) ** 2))
+    True
+
     Args:
         solver: :class:`~implicit_layers.linalg.GMRES` (default), ``BiCGStab``, or ``CG``
             (only when ``J`` is symmetric positive definite).
@@ -104,6 +126,15 @@ class FixedPointAdjoint(Adjoint):
     the forward map is contractive (spectral radius of ``J_g`` below one), the usual setting
     of deep equilibrium models. Any forward solver that iterates ``g`` works
     (:class:`~implicit_layers.Picard`, :class:`~implicit_layers.Anderson`).
+
+    >>> import torch, implicit_layers as il
+    >>> x = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    >>> z = il.functional.root_find(lambda x, z: 0.5 * torch.cos(z) + x - z, x,
+    ...                             torch.zeros(1, dtype=torch.float64),
+    ...                             adjoint=il.FixedPointAdjoint(il.Picard(tol=1e-14)))
+    >>> g = torch.autograd.grad(z.sum(), x)[0]           # 1 / (1 + 0.5 sin z)
+    >>> torch.allclose(g, 1 / (1 + 0.5 * torch.sin(z.detach())))
+    True
     """
 
     def __init__(self, solver: RootSolver | None = None):

@@ -14,6 +14,7 @@ differentiable, so double backward works; memory is independent of the solver's 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,19 @@ from implicit_layers.solvers.base import RootProblem
 
 
 class ImplicitFunction(torch.autograd.Function):
-    """``ImplicitFunction.apply(problem, y0, *xs, *params) → y`` with ``f(xs, y; params) = 0``."""
+    """``ImplicitFunction.apply(problem, y0, *xs, *params) → y`` with ``f(xs, y; params) = 0``.
+
+    The autograd Function behind :class:`ImplicitLayer`; use the layer unless you need to build
+    an :class:`~implicit_layers.core.problem.ImplicitProblem` by hand.
+
+    >>> import torch, implicit_layers as il
+    >>> from implicit_layers.core.problem import ImplicitProblem
+    >>> prob = ImplicitProblem(fn=lambda xs, y, ps: y * y - xs[0], n_x=1, event_ndim=0,
+    ...                        solver=il.Newton(), adjoint=il.DirectAdjoint())
+    >>> x = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
+    >>> y = il.ImplicitFunction.apply(prob, torch.ones(1, dtype=torch.float64), x)
+    >>> y.detach(), torch.autograd.grad(y.sum(), x)[0]  # sqrt(x), 1 / (2 sqrt(x))
+    (tensor([2.0000], dtype=torch.float64), tensor([0.2500], dtype=torch.float64))"""
 
     @staticmethod
     def forward(problem: ImplicitProblem, y0: Tensor, *tensors: Tensor) -> Tensor:
@@ -45,6 +58,8 @@ class ImplicitFunction(torch.autograd.Function):
         result = problem.solver.solve(root, y0)
         problem.stats.forward = enforce(result.stats, problem.on_failure, "forward solve f(x, y) = 0")
         y = result.y
+        if any(y is t for t in (y0, *tensors)):  # autograd needs a fresh output tensor
+            y = y.clone()
         if result.aux is not None:  # e.g. a factorization at y*, for a custom adjoint
             key = problem.cache_key("forward_aux", (*xs, y, *params))
             if key is not None:
@@ -114,9 +129,36 @@ def _put(z: tuple[Tensor, ...], idx: tuple[int, ...], values: tuple[Tensor, ...]
     return tuple(out)
 
 
+def _parameter_slots(module: nn.Module, params: tuple[Tensor, ...]) -> list[tuple[nn.Module, str, int]]:
+    """Every ``(submodule, name)`` that holds one of ``params``, with the parameter's index.
+
+    A module reachable along two paths (a DEQ cell that is both the residual's and the
+    fixed-point map's) is listed once, so swapping cannot stack on itself.
+    """
+    index = {id(p): i for i, p in enumerate(params)}
+    return [(m, name, index[id(p)]) for m in module.modules()
+            for name, p in m._parameters.items() if p is not None and id(p) in index]
+
+
+@contextmanager
+def _swapped(slots, values: tuple[Tensor, ...]):
+    """Evaluate a module with ``values`` in place of its parameters, restoring them after
+    (last in, first out). ``torch.func.functional_call`` restores tied names in the wrong
+    order when one submodule is registered twice, leaving plain tensors behind."""
+    saved = []
+    try:
+        for m, name, i in slots:
+            saved.append((m, name, m._parameters[name]))
+            m._parameters[name] = values[i]
+        yield
+    finally:
+        for m, name, p in reversed(saved):
+            m._parameters[name] = p
+
+
 class _Residual(nn.Module):
     """Holds the user's residual (and optional fixed-point map) so that their parameters are
-    registered and can be swapped in functionally with ``torch.func.functional_call``."""
+    registered and can be swapped for the autograd function's inputs (see :func:`_swapped`)."""
 
     def __init__(self, residual: Callable, fixed_point_map: Callable | None):
         super().__init__()
@@ -186,14 +228,13 @@ class ImplicitLayer(nn.Module):
             y0 = self.init(x)
         check_tensor("y0", y0, min_ndim=self.event_ndim)
         check_same_dtype_device({"y0": y0, **{f"x[{i}]": t for i, t in enumerate(xs)}})
-        names, params = zip(*[(n, p) for n, p in self.fn.named_parameters() if p.requires_grad]) \
-            if any(p.requires_grad for p in self.fn.parameters()) else ((), ())
-        module = self.fn
+        params = tuple(p for p in self.fn.parameters() if p.requires_grad)
+        slots = _parameter_slots(self.fn, params)
 
         def call(which):
             def fn(xs_, y, ps):
-                args = (which, tuple(xs_) if packed else xs_[0], y)
-                return torch.func.functional_call(module, dict(zip(names, ps)), args)
+                with _swapped(slots, ps):
+                    return self.fn(which, tuple(xs_) if packed else xs_[0], y)
             return fn
 
         self.stats = LayerStats()

@@ -69,7 +69,7 @@ class LinearSolve(torch.autograd.Function):
         phase, what = ("backward", "adjoint solve (∂f/∂y)ᵀ w = ȳ") if transpose else (
             "tangent", "tangent solve (∂f/∂y) ẏ = −(∂f/∂x) ẋ")
         setattr(problem.stats, phase, enforce(stats, problem.on_failure, what))
-        return sol
+        return sol.clone() if any(sol is t for t in (rhs, *z)) else sol
 
     @staticmethod
     def setup_context(ctx, inputs, output):

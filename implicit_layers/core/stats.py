@@ -20,6 +20,13 @@ from implicit_layers.errors import ConvergenceError, ConvergenceWarning
 class SolverStats:
     """What one solve did, per sample of the batch.
 
+    >>> import torch, implicit_layers as il
+    >>> layer = il.RootFindLayer(lambda x, y: y ** 2 - x, event_ndim=0)  # 2nd: line search hits 3
+    >>> _ = layer(torch.tensor([4.0, 9.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    >>> st = layer.stats.forward
+    >>> st.converged.tolist(), st.iterations.tolist()
+    ([True, True], [5, 1])
+
     Attributes:
         solver: name of the solver that ran.
         iterations: iterations each sample needed (shape = batch shape, int64).
@@ -75,7 +82,14 @@ class SolverStats:
 
 @dataclass
 class LayerStats:
-    """The stats of a layer's most recent forward, backward and tangent (JVP) solves."""
+    """The stats of a layer's most recent forward, backward and tangent (JVP) solves.
+
+    >>> import torch, implicit_layers as il
+    >>> layer = il.RootFindLayer(lambda x, y: y ** 3 - x, event_ndim=0)
+    >>> x = torch.tensor([8.0], dtype=torch.float64, requires_grad=True)
+    >>> layer(x, torch.ones(1, dtype=torch.float64)).sum().backward()
+    >>> sorted(k for k in layer.stats.summary() if k.endswith("frac_converged"))
+    ['backward/frac_converged', 'forward/frac_converged']"""
 
     forward: SolverStats | None = None
     backward: SolverStats | None = None

@@ -30,11 +30,11 @@ def lu_factor(A: Tensor) -> tuple[Tensor, Tensor]:
     risky = A.device.type == "cpu" and batched and n >= _UNSAFE_BATCHED_LU_SIZE
     if risky and torch.get_num_threads() > 1:
         flat = A.reshape(-1, n, n)
-        parts = [torch.linalg.lu_factor(M) for M in flat.unbind(0)]
+        parts = [torch.linalg.lu_factor_ex(M)[:2] for M in flat.unbind(0)]
         LU = torch.stack([p[0] for p in parts]).reshape(A.shape)
         piv = torch.stack([p[1] for p in parts]).reshape(*A.shape[:-1])
-    else:
-        LU, piv = torch.linalg.lu_factor(A)
+    else:  # exact zero pivots are reported by check_conditioning, not by torch
+        LU, piv, _ = torch.linalg.lu_factor_ex(A)
     if bool(((piv < 1) | (piv > n)).any()):  # the symptom of pytorch#142815
         raise RuntimeError("torch.linalg.lu_factor returned invalid pivots (pytorch#142815)")
     return LU, piv
@@ -71,6 +71,13 @@ class LUFactorization(Factorization):
 class LU(LinearSolver):
     """Partial-pivoting LU; the transposed solve reuses the same factors.
 
+    >>> import torch
+    >>> A = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> fac = LU().factor(A)
+    >>> fac.solve(torch.tensor([3.0, 1.0], dtype=torch.float64)), fac.solve(
+    ...     torch.tensor([2.0, 2.0], dtype=torch.float64), transpose=True)
+    (tensor([1., 1.], dtype=torch.float64), tensor([1., 1.], dtype=torch.float64))
+
     Args:
         rcond: pivot-ratio threshold below which the matrix counts as singular
             (default ``n · eps``).
@@ -97,7 +104,12 @@ class CholeskyFactorization(Factorization):
 
 
 class Cholesky(LinearSolver):
-    """Cholesky for symmetric positive definite operators; raises when not positive definite."""
+    """Cholesky for symmetric positive definite operators; raises when not positive definite.
+
+    >>> import torch
+    >>> A = torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64)
+    >>> Cholesky().factor(A).solve(torch.tensor([6.0, 5.0], dtype=torch.float64))
+    tensor([1.0000, 1.0000], dtype=torch.float64)"""
 
     def __init__(self, rcond: float | None = None):
         self.rcond = rcond

@@ -78,7 +78,14 @@ class KrylovFactorization(Factorization):
 
 
 class CG(KrylovSolver):
-    """Conjugate gradients; the operator must be symmetric positive definite."""
+    """Conjugate gradients; the operator must be symmetric positive definite.
+
+    >>> import torch
+    >>> from implicit_layers.linalg.base import LinearOperator
+    >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    >>> x = CG(rtol=1e-12).factor(LinearOperator.from_dense(A)).solve(A @ torch.ones(2, dtype=torch.float64))
+    >>> torch.allclose(x, torch.ones(2, dtype=torch.float64))
+    True"""
 
     name = "CG"
 
@@ -106,7 +113,15 @@ class CG(KrylovSolver):
 
 
 class BiCGStab(KrylovSolver):
-    """Biconjugate gradients stabilized (van der Vorst) for general operators."""
+    """Biconjugate gradients stabilized (van der Vorst) for general operators.
+
+    >>> import torch
+    >>> from implicit_layers.linalg.base import LinearOperator
+    >>> A = torch.tensor([[4.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
+    >>> fac = BiCGStab(rtol=1e-12).factor(LinearOperator.from_dense(A))
+    >>> torch.allclose(fac.solve(A.T @ torch.ones(2, dtype=torch.float64), transpose=True),
+    ...                torch.ones(2, dtype=torch.float64))
+    True"""
 
     name = "BiCGStab"
 
@@ -141,7 +156,15 @@ class BiCGStab(KrylovSolver):
 
 
 class GMRES(KrylovSolver):
-    """Restarted GMRES(``restart``) for general nonsingular operators."""
+    """Restarted GMRES(``restart``) for general nonsingular operators.
+
+    >>> import torch
+    >>> from implicit_layers.linalg.base import LinearOperator
+    >>> A = torch.tensor([[4.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
+    >>> fac = GMRES(rtol=1e-12).factor(LinearOperator.from_dense(A))
+    >>> x = fac.solve(A @ torch.ones(2, dtype=torch.float64))
+    >>> torch.allclose(x, torch.ones(2, dtype=torch.float64)), fac.stats.iterations.tolist()
+    (True, 2)"""
 
     name = "GMRES"
 

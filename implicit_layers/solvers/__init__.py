@@ -1,9 +1,12 @@
-"""Forward nonlinear solvers (all outside the autograd graph)."""
+"""Forward solvers (all run outside the autograd graph)."""
 
+from implicit_layers.solvers.anderson import Anderson
 from implicit_layers.solvers.base import RootProblem, RootSolver, SolveResult
 from implicit_layers.solvers.broyden import Broyden
+from implicit_layers.solvers.interior_point import InteriorPoint, QPStatus
 from implicit_layers.solvers.newton import Newton
 from implicit_layers.solvers.picard import Picard
 from implicit_layers.solvers.scipy_root import ScipyRoot
 
-__all__ = ["RootProblem", "RootSolver", "SolveResult", "Broyden", "Newton", "Picard", "ScipyRoot"]
+__all__ = ["RootProblem", "RootSolver", "SolveResult", "Anderson", "Broyden", "InteriorPoint",
+           "Newton", "Picard", "QPStatus", "ScipyRoot"]

@@ -12,6 +12,7 @@ own iteration count.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ from implicit_layers.core.stats import SolverStats, check_finite_iterate
 @dataclass
 class RootProblem:
     """``f(y) = 0`` with per-sample independence along the leading (batch) dimensions.
+
+    >>> import torch
+    >>> prob = RootProblem(lambda y: y ** 2 - 1.0)
+    >>> prob.jacobian(torch.tensor([[1.0, 2.0]]))       # one sample, 2 unknowns
+    tensor([[[2., 0.],
+             [0., 4.]]])
 
     Args:
         residual: ``y ↦ f(y)``, returns a tensor shaped like ``y``.
@@ -76,7 +83,13 @@ class RootProblem:
 @dataclass
 class SolveResult:
     """What a forward solve returns: the solution, its stats, and optional reusable data
-    (``aux``, e.g. a factorization at the solution that a custom adjoint can reuse)."""
+    (``aux``, e.g. a factorization at the solution that a custom adjoint can reuse).
+
+    >>> import torch
+    >>> from implicit_layers.solvers.picard import Picard
+    >>> res = Picard().solve(RootProblem(lambda y: 0.5 * (1.0 - y)), torch.zeros(1))
+    >>> round(float(res.y), 5), res.stats.all_converged
+    (0.99998, True)"""
 
     y: Tensor
     stats: SolverStats
@@ -85,6 +98,13 @@ class SolveResult:
 
 class RootSolver(ABC):
     """Base of the forward solvers.
+
+    Subclasses implement :meth:`solve`; the tolerances are shared:
+
+    >>> import torch
+    >>> from implicit_layers.solvers.newton import Newton
+    >>> Newton(tol=1e-9).tolerances(torch.float64)[0]
+    1e-09
 
     Args:
         tol: absolute tolerance on ``‖f(y)‖`` per sample (default ``eps**0.75`` of the dtype,
@@ -109,6 +129,17 @@ class RootSolver(ABC):
     def converged(self, res_norm: Tensor, y_norm: Tensor, dtype: torch.dtype) -> Tensor:
         tol, rtol = self.tolerances(dtype)
         return res_norm <= tol + rtol * y_norm
+
+    def with_budget(self, tol: float | None = None, max_iter: int | None = None) -> RootSolver:
+        """A copy with ``tol`` (absolute and relative) and ``max_iter`` overridden where given."""
+        if tol is None and max_iter is None:
+            return self
+        solver = copy.copy(self)
+        if tol is not None:
+            solver.tol = solver.rtol = tol
+        if max_iter is not None:
+            solver.max_iter = max_iter
+        return solver
 
     @abstractmethod
     def solve(self, problem: RootProblem, y0: Tensor) -> SolveResult:
@@ -142,6 +173,7 @@ class IterationLog:
 
     def update(self, y: Tensor, fy: Tensor, active: Tensor, evaluations: int = 1) -> None:
         """Record one iteration of the samples in ``active``."""
+        check_finite_iterate(fy, self.solver.name, len(self.trace), "residual")
         self.evaluations += evaluations
         self.res = torch.where(active, self.problem.norm(fy), self.res)
         self.iterations = self.iterations + active.to(torch.int64)

@@ -1,0 +1,213 @@
+"""DEQ benchmark: ``z = tanh(ρ W z + U x)`` against torchdeq and against unrolled backprop.
+
+For each ρ, one process runs, on the same cell and data:
+
+* ``ours``: ``il.DEQLayer`` with Anderson forward (``rtol``) and the implicit backward
+  (``FixedPointAdjoint(Anderson)`` with ``backward_rtol``);
+* ``torchdeq``: ``get_deq(core="indexing", ift=True)`` with Anderson forward and backward at the
+  same relative tolerances (torchdeq's ``stop_mode="rel"``);
+* ``unrolled``: backprop through ``N`` Picard steps (memory only).
+
+Reported: cell evaluations in the forward (``fwd_evals``, counted inside the cell), VJPs
+through the cell in the backward (``bwd_vjps``), median wall times, bytes saved for backward
+(``saved_MB``: ``harness.saved_tensor_bytes``; ``act_MB`` excludes the parameters and the
+input, which exist anyway), CUDA peak memory when on a GPU, and the cosine of the gradient
+(w.r.t. W, U, x) to a float64 reference solved to 1e-12. Ratios are ours / torchdeq, and
+ours / unrolled on the unrolled rows.
+
+W is symmetric with spectral radius 1, so ``ρ`` is the spectral radius of ``ρ W`` and the
+cell is a ``ρ``-contraction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchdeq import get_deq
+
+import implicit_layers as il
+from experiments.bench.harness import cuda_peak_bytes, ratio, saved_tensor_bytes, timeit
+
+MB = 2.0**20
+
+
+class Counter:
+    """Cell evaluations and VJPs (a plain object: torch.func would copy a dict, a pytree)."""
+
+    def __init__(self):
+        self.evals = self.vjps = 0
+
+
+class _CountVJP(torch.autograd.Function):
+    """Identity whose backward counts how often a cotangent flows through the cell."""
+
+    @staticmethod
+    def forward(t, counter):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.counter = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.counter.vjps += 1
+        return g, None
+
+
+class TanhCell(nn.Module):
+    """``(x, z) ↦ tanh(ρ W z + U x)``, counting evaluations and VJPs when ``counting``."""
+
+    def __init__(self, d: int, rho: float, seed: int, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        A = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        S = A + A.T
+        S = S / torch.linalg.eigvalsh(S).abs().max()
+        self.W = nn.Parameter(S.to(dtype=dtype, device=device))
+        U = torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
+        self.U = nn.Parameter(U.to(dtype=dtype, device=device))
+        self.rho, self.counting = rho, False
+        self.counter = Counter()
+
+    def forward(self, x, z):
+        out = torch.tanh(self.rho * z @ self.W.T + x @ self.U.T)
+        if self.counting:
+            self.counter.evals += 1
+            out = _CountVJP.apply(out, self.counter)
+        return out
+
+
+def _activation_bytes(fn, exclude: tuple[torch.Tensor, ...]) -> int:
+    """Bytes autograd saves while ``fn()`` runs, leaving out the storages of ``exclude``
+    (parameters and inputs, which exist anyway): on CPU the proxy for the increase of peak
+    memory that the backward pass keeps alive. ``harness.saved_tensor_bytes`` counts them."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.layout == torch.strided and t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    fa = torch.cat([t.double().flatten() for t in a])
+    fb = torch.cat([t.double().flatten() for t in b])
+    return float(fa @ fb / (fa.norm() * fb.norm()))
+
+
+def _grads(run, cell, x, weights):
+    """Gradient of ⟨weights, z⟩ w.r.t. (W, U, x) for one forward+backward ``run``."""
+    x = x.detach().clone().requires_grad_()
+    z = run(x)
+    return list(torch.autograd.grad((z * weights).sum(), (cell.W, cell.U, x)))
+
+
+def _counted(cell, fn):
+    cell.counter = Counter()
+    cell.counting = True
+    try:
+        out = fn()
+    finally:
+        cell.counting = False
+    return out
+
+
+def _measure(name, run, cell, x, weights, ref, cfg, device, layer=None) -> dict:
+    """One method's row: counts, times, memory and gradient accuracy."""
+    xg = x.detach().clone().requires_grad_()
+    fixed = (cell.W, cell.U, xg)
+    z = _counted(cell, lambda: run(xg))
+    evals = cell.counter.evals
+    iters = {}
+    if layer is not None:
+        iters["fwd_iters"] = int(layer.stats.forward.iterations.max())
+    cell.counting = True
+    torch.autograd.grad((z * weights).sum(), (cell.W, cell.U, xg))
+    cell.counting = False
+    if layer is not None:
+        iters["bwd_iters"] = int(layer.stats.backward.iterations.max())
+    grads = _grads(run, cell, x, weights)
+    flat = torch.cat([(g.double() - r).flatten() for g, r in zip(grads, ref)])
+    row = {
+        "method": name, "fwd_evals": evals, "bwd_vjps": cell.counter.vjps,
+        "fwd_ms": 1e3 * timeit(lambda: run(xg), repeat=cfg.repeat, device=device),
+        "fwd_bwd_ms": 1e3 * timeit(lambda: _grads(run, cell, x, weights), repeat=cfg.repeat,
+                                   device=device),
+        "saved_MB": saved_tensor_bytes(lambda: run(xg)) / MB,
+        "act_MB": _activation_bytes(lambda: run(xg), fixed) / MB,
+        "grad_cos": _cosine(grads, ref),
+        "grad_rel_err": float(flat.norm() / torch.cat([r.flatten() for r in ref]).norm()),
+        **iters,
+    }
+    peak = cuda_peak_bytes(lambda: _grads(run, cell, x, weights))
+    if peak is not None:
+        row["cuda_peak_MB"] = peak / MB
+    return row
+
+
+def _case(cfg, rho: float, device, dtype) -> list[dict]:
+    B, d = cfg.batch, cfg.dim
+    cell = TanhCell(d, rho, cfg.seed, dtype, device)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    x64 = cfg.x_scale * torch.randn(B, d, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(B, d, generator=gen, dtype=torch.float64)
+    x, weights = x64.to(dtype=dtype, device=device), w64.to(dtype=dtype, device=device)
+    z0 = torch.zeros(B, d, dtype=dtype, device=device)
+
+    def anderson(rtol, tol=0.0):
+        return il.Anderson(m=cfg.memory, tol=tol, rtol=rtol, max_iter=cfg.max_iter)
+
+    layer = il.DEQLayer(cell, solver=anderson(cfg.rtol),
+                        adjoint=il.FixedPointAdjoint(anderson(cfg.backward_rtol)),
+                        warn_residual=None)
+    tdeq = get_deq(core="indexing", ift=True, f_solver="anderson", b_solver="anderson",
+                   f_tol=cfg.rtol, b_tol=cfg.backward_rtol, f_stop_mode="rel", b_stop_mode="rel",
+                   f_max_iter=cfg.max_iter, b_max_iter=cfg.max_iter)
+    tdeq.train()
+
+    def unrolled(xx, n):
+        z = z0
+        for _ in range(n):
+            z = cell(xx, z)
+        return z
+
+    # float64 reference gradient, solved to 1e-12
+    ref_cell = TanhCell(d, rho, cfg.seed, torch.float64, device)
+    ref_layer = il.DEQLayer(ref_cell, solver=anderson(1e-12, 1e-12),
+                            adjoint=il.FixedPointAdjoint(anderson(1e-12, 1e-12)))
+    ref = _grads(lambda xx: ref_layer(xx, z0.double()), ref_cell, x.double(), weights.double())
+
+    ours = _measure("ours", lambda xx: layer(xx, z0), cell, x, weights, ref, cfg, device, layer)
+    theirs = _measure("torchdeq", lambda xx: tdeq(lambda z: cell(xx, z), z0)[0][-1],
+                      cell, x, weights, ref, cfg, device)
+    for key in ("fwd_evals", "bwd_vjps", "fwd_ms", "fwd_bwd_ms", "act_MB"):
+        ours[f"{key}_ratio"] = ratio(ours[key], theirs[key])
+    rows = [ours, theirs]
+    xg = x.detach().clone().requires_grad_()
+    for n in cfg.unroll_iters:
+        act = _activation_bytes(lambda n=n: unrolled(xg, n), (cell.W, cell.U, xg)) / MB
+        saved = saved_tensor_bytes(lambda n=n: unrolled(xg, n)) / MB
+        row = {"method": f"unrolled x{n}", "saved_MB": saved, "act_MB": act,
+               "act_MB_ratio": ratio(ours["act_MB"], act),
+               "saved_MB_ratio": ratio(ours["saved_MB"], saved)}
+        peak = cuda_peak_bytes(lambda n=n: _grads(lambda xx: unrolled(xx, n), cell, x, weights))
+        if peak is not None:
+            row["cuda_peak_MB"] = peak / MB
+            row["cuda_peak_ratio"] = ratio(ours.get("cuda_peak_MB"), row["cuda_peak_MB"])
+        rows.append(row)
+    return [{"case": f"rho={rho}", **r} for r in rows]
+
+
+def main(cfg) -> list[dict]:
+    device = torch.device(cfg.device if torch.cuda.is_available() or cfg.device == "cpu" else "cpu")
+    dtype = getattr(torch, cfg.dtype)
+    rows: list[dict] = []
+    for rho in cfg.rhos:
+        rows += _case(cfg, rho, device, dtype)
+    return rows

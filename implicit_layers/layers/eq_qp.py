@@ -1,0 +1,130 @@
+"""EqualityQPLayer: a differentiable equality-constrained quadratic program.
+
+    x*(Q, c, A, b) = argmin_x ½ xᵀQx + cᵀx   s.t.  Ax = b
+    KKT:  Qx + c + Aᵀλ = 0,  Ax = b         →  outputs (x, λ)
+
+Gradients flow from x and λ to all four inputs through the implicit function theorem on the
+KKT system; every backend factors the KKT matrix once and reuses the factorization for the
+backward, the JVP and higher derivatives. Q is read as its symmetric part ``(Q + Qᵀ)/2``
+and receives a symmetric gradient; an input broadcast along batch dims receives the sum of
+the per-sample gradients.
+
+Backends (``backend=`` takes an instance, or a name in configs):
+
+* ``"dense"`` — :class:`DenseKKTBackend`: batched torch ops (CPU/CUDA), Cholesky + Schur
+  complement when Q is PD, LDLᵀ of the KKT matrix otherwise.
+* ``"sparse"`` — :class:`SparseKKTBackend`: one large problem with sparse Q and A (torch
+  sparse or SciPy), sparse LDLᵀ/LU on the CPU; gradients of Q and A on their patterns.
+* ``"osqp"`` — :class:`OSQPBackend`: OSQP with ``l = u = b`` as the forward solver.
+* ``"auto"`` — sparse if Q or A is sparse, dense otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from implicit_layers.core.checks import check_same_dtype_device, check_tensor
+from implicit_layers.layers.eq_qp_dense import DenseKKTBackend
+from implicit_layers.layers.eq_qp_osqp import OSQPBackend
+from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend, is_sparse
+
+BACKENDS = {"dense": DenseKKTBackend, "sparse": SparseKKTBackend, "osqp": OSQPBackend}
+
+
+def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor) -> None:
+    """Shapes ``Q (*, n, n)``, ``c (*, n)``, ``A (*, m, n)``, ``b (*, m)`` with broadcastable
+    batch dims, one floating dtype and device, finite values; ValueError naming the argument."""
+    for name, t, ndim in (("Q", Q, 2), ("c", c, 1), ("A", A, 2), ("b", b, 1)):
+        check_tensor(name, t, min_ndim=ndim, finite=False)
+        _check_finite(name, t)
+    check_same_dtype_device({"Q": Q, "c": c, "A": A, "b": b})
+    n, m = Q.shape[-1], A.shape[-2]
+    if Q.shape[-2] != n:
+        raise ValueError(f"Q must be square (..., n, n), got shape {tuple(Q.shape)}")
+    if c.shape[-1] != n:
+        raise ValueError(f"c must have shape (..., {n}) to match Q, got {tuple(c.shape)}")
+    if A.shape[-1] != n:
+        raise ValueError(f"A must have shape (..., m, {n}) to match Q, got {tuple(A.shape)}")
+    if b.shape[-1] != m:
+        raise ValueError(f"b must have shape (..., {m}) to match A's rows, got {tuple(b.shape)}")
+    if m == 0:
+        raise ValueError("A must have at least one row (use a linear solve without constraints)")
+    try:
+        torch.broadcast_shapes(Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1])
+    except RuntimeError as err:
+        raise ValueError(
+            f"batch dims do not broadcast: Q {tuple(Q.shape[:-2])}, c {tuple(c.shape[:-1])}, "
+            f"A {tuple(A.shape[:-2])}, b {tuple(b.shape[:-1])}") from err
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    """NaN/Inf check in one reduction: any NaN/Inf makes the sum non-finite; only then (or on
+    an overflowing sum) is the exact elementwise check run. Skipped inside torch.func."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t) or bool(torch.isfinite(t.sum())):
+        return
+    check_tensor(name, t)
+
+
+class EqualityQPLayer(nn.Module):
+    """Solve ``min ½xᵀQx + cᵀx s.t. Ax = b`` and differentiate through it.
+
+    Args:
+        backend: "auto", "dense", "sparse", "osqp", or a backend instance
+            (:class:`DenseKKTBackend`, :class:`SparseKKTBackend`, :class:`OSQPBackend`).
+
+    Shapes: ``Q (*, n, n)``, ``c (*, n)``, ``A (*, m, n)``, ``b (*, m)`` with broadcasting
+    batch dims (dense and OSQP backends); ``forward`` returns ``x (*, n)`` and ``λ (*, m)``
+    with the sign convention ``Qx + c + Aᵀλ = 0``.
+
+    Raises:
+        ValueError: malformed input, naming the argument.
+        SingularSystemError: A's rows are dependent, or Q is not positive definite on the
+            null space of A (the message says which).
+        ConvergenceError: the OSQP backend did not converge.
+
+    >>> import torch, implicit_layers as il
+    >>> Q = torch.eye(2, dtype=torch.float64)
+    >>> c = torch.tensor([1., -1.], dtype=torch.float64, requires_grad=True)
+    >>> A, b = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    >>> x, lam = il.EqualityQPLayer()(Q, c, A, b)
+    >>> x.detach(), lam.detach()
+    (tensor([-0.5000,  1.5000], dtype=torch.float64), tensor([-0.5000], dtype=torch.float64))
+    >>> x[0].backward(); c.grad
+    tensor([-0.5000,  0.5000], dtype=torch.float64)
+    """
+
+    def __init__(self, backend="auto"):
+        super().__init__()
+        if isinstance(backend, str):
+            if backend != "auto" and backend not in BACKENDS:
+                raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, "
+                                 f"got {backend!r}")
+            # instances are kept so that state (OSQP warm starts) survives across calls
+            self._instances = {backend: BACKENDS[backend]()} if backend != "auto" else {}
+        elif callable(backend):
+            self._instances = {"given": backend}
+        else:
+            raise ValueError(f"backend must be a name or a backend instance, got {backend!r}")
+        self.backend = backend
+        self.stats = None
+
+    def resolve(self, Q, A):
+        """The backend instance that solves these inputs."""
+        if self.backend != "auto":
+            return next(iter(self._instances.values()))
+        name = "sparse" if is_sparse(Q) or is_sparse(A) else "dense"
+        if name not in self._instances:
+            self._instances[name] = BACKENDS[name]()
+        return self._instances[name]
+
+    def forward(self, Q, c: Tensor, A, b: Tensor) -> tuple[Tensor, Tensor]:
+        backend = self.resolve(Q, A)
+        if not getattr(backend, "accepts_sparse", False) or not (is_sparse(Q) or is_sparse(A)):
+            check_eq_qp_inputs(Q, c, A, b)
+        x, lam = backend(Q, c, A, b)
+        self.stats = getattr(backend, "stats", None)
+        return x, lam
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

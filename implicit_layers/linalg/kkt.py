@@ -1,0 +1,134 @@
+"""The KKT matrix of an inequality-constrained QP, factored once and solved many times.
+
+Every linear system of the QP layer (each interior-point step, the backward and the JVP)
+has the symmetric quasi-definite form
+
+    M = [ Q   Aᵀ  Gᵀ ]        Q (n×n) positive semidefinite, A (p×n), G (m×n),
+        [ A   0   0  ]        W = diag(w), w > 0 (w = s/μ at an interior point)
+        [ G   0  −W  ]
+
+Eliminating the third block, ``z₃ = W⁻¹(G z₁ − r₃)``, and then the second through its Schur
+complement leaves two batched Cholesky factorizations:
+
+    H = Q + Gᵀ W⁻¹ G + δ I,        S = A H⁻¹ Aᵀ + δ I,
+
+(``δ`` is a small regularization that makes ``H`` positive definite for linear programs and
+positive semidefinite ``Q``; callers that need the exact ``M`` refine the solution, see
+:func:`refine`). Unlike :class:`~implicit_layers.linalg.Cholesky`, a failure is reported per
+sample in ``ok`` rather than raised: one bad problem must not stop a batch of QPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _mv(M: Tensor, v: Tensor) -> Tensor:
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _chol_solve(L: Tensor, B: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ B`` by two triangular solves (faster than ``cholesky_solve`` for batches)."""
+    if B.shape[:-2] != L.shape[:-2]:
+        L = L.expand(*B.shape[:-2], *L.shape[-2:])
+    Y = torch.linalg.solve_triangular(L, B, upper=False)
+    return torch.linalg.solve_triangular(L.mT, Y, upper=True)
+
+
+@dataclass
+class QPKKTFactor:
+    """Cholesky factors of ``H`` and ``S`` for a batch ``(B,)`` of KKT matrices ``M``.
+
+    Attributes:
+        L: ``(B, n, n)`` Cholesky factor of ``H``; LS: ``(B, p, p)`` Cholesky factor of ``S``.
+        HiAt: ``(B, n, p)`` ``H⁻¹Aᵀ``; A, G: the constraint matrices; Winv: ``(B, m)``.
+        ok: ``(B,)`` True where both factorizations succeeded (elsewhere solves return 0).
+    """
+
+    L: Tensor
+    LS: Tensor
+    HiAt: Tensor
+    A: Tensor
+    G: Tensor
+    Winv: Tensor
+    ok: Tensor
+
+    def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Solve ``M z = r`` for right-hand sides of shape ``(..., B, k)`` (extra dims broadcast)."""
+        g = r1 + _mv(self.G.mT, self.Winv * r3)
+        Hg = _chol_solve(self.L, g.unsqueeze(-1)).squeeze(-1)
+        if self.A.shape[-2] > 0:
+            z2 = _chol_solve(self.LS, (_mv(self.A, Hg) - r2).unsqueeze(-1)).squeeze(-1)
+            z1 = Hg - _mv(self.HiAt, z2)
+        else:
+            z2, z1 = torch.zeros_like(r2), Hg
+        z3 = self.Winv * (_mv(self.G, z1) - r3)
+        keep = self.ok.unsqueeze(-1)
+        zero = torch.zeros((), dtype=z1.dtype, device=z1.device)
+        return (torch.where(keep, z1, zero), torch.where(keep, z2, zero),
+                torch.where(keep, z3, zero))
+
+    @classmethod
+    def identity(cls, Q: Tensor, A: Tensor, G: Tensor) -> QPKKTFactor:
+        """Placeholder factors (identity, ``ok = False``) to be filled with :meth:`put_`."""
+        B, n, p, m = Q.shape[0], Q.shape[-1], A.shape[-2], G.shape[-2]
+        eye = lambda k: torch.eye(k, dtype=Q.dtype, device=Q.device).repeat(B, 1, 1)  # noqa: E731
+        return cls(eye(n), eye(p), Q.new_zeros(B, n, p), A, G, Q.new_ones(B, m),
+                   torch.zeros(B, dtype=torch.bool, device=Q.device))
+
+    def select(self, idx: Tensor) -> QPKKTFactor:
+        return QPKKTFactor(*(t.index_select(0, idx) for t in self._fields()))
+
+    def put_(self, idx: Tensor, other: QPKKTFactor) -> None:
+        """Overwrite samples ``idx`` with ``other``'s factors (in place; A, G are shared data)."""
+        for mine, theirs in zip(self._varying(), other._varying(), strict=True):
+            mine.index_copy_(0, idx, theirs)
+
+    def repeat(self, k: int) -> QPKKTFactor:
+        """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""
+        return QPKKTFactor(*(t.repeat(k, *([1] * (t.ndim - 1))) for t in self._fields()))
+
+    def _fields(self) -> tuple[Tensor, ...]:
+        return (self.L, self.LS, self.HiAt, self.A, self.G, self.Winv, self.ok)
+
+    def _varying(self) -> tuple[Tensor, ...]:
+        return (self.L, self.LS, self.HiAt, self.Winv, self.ok)
+
+
+def factor_qp_kkt(Q: Tensor, A: Tensor, G: Tensor, Winv: Tensor, reg: float) -> QPKKTFactor:
+    """Factor ``M`` for ``Q (B,n,n)``, ``A (B,p,n)``, ``G (B,m,n)`` and ``W⁻¹ (B,m)``."""
+    n, p = Q.shape[-1], A.shape[-2]
+    eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
+    H = Q + G.mT @ (G * Winv.unsqueeze(-1)) + reg * eye
+    L, info = torch.linalg.cholesky_ex(H)
+    ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
+    L = torch.where(ok[:, None, None], L, eye)  # failed samples: harmless identity factors
+    if p > 0:
+        HiAt = _chol_solve(L, A.mT)
+        S = A @ HiAt + reg * torch.eye(p, dtype=Q.dtype, device=Q.device)
+        LS, info_s = torch.linalg.cholesky_ex(S)
+        ok = ok & (info_s == 0) & torch.isfinite(LS.diagonal(dim1=-2, dim2=-1)).all(-1)
+        LS = torch.where(ok[:, None, None], LS, torch.eye(p, dtype=Q.dtype, device=Q.device))
+    else:
+        HiAt = Q.new_zeros(Q.shape[0], n, 0)
+        LS = Q.new_zeros(Q.shape[0], 0, 0)
+    return QPKKTFactor(L, LS, HiAt, A, G, Winv, ok)
+
+
+def kkt_matvec(Q: Tensor, A: Tensor, G: Tensor, w: Tensor, z1: Tensor, z2: Tensor, z3: Tensor):
+    """``M z`` with ``M`` built from ``(Q, A, G, w)``; differentiable in every argument."""
+    return (_mv(Q, z1) + _mv(A.mT, z2) + _mv(G.mT, z3), _mv(A, z1), _mv(G, z1) - w * z3)
+
+
+def refine(fac, Q, A, G, w, r: tuple[Tensor, ...], steps: int = 1) -> tuple[Tensor, ...]:
+    """Solve ``M z = r`` with ``fac`` plus ``steps`` rounds of iterative refinement against the
+    exact ``M`` (removes the regularization ``δ`` and most round-off of large ``W⁻¹``)."""
+    z = fac.solve(*r)
+    for _ in range(steps):
+        Mz = kkt_matvec(Q, A, G, w, *z)
+        dz = fac.solve(*(ri - mi for ri, mi in zip(r, Mz, strict=True)))
+        z = tuple(zi + di for zi, di in zip(z, dz, strict=True))
+    return z
