@@ -17,9 +17,21 @@ LOGGED = {"iterations_mean": "iterations", "iterations_max": "iterations_max",
 
 
 def implicit_layers_of(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every submodule that keeps :class:`~implicit_layers.LayerStats`, by its dotted name."""
+    """Every submodule from ``implicit_layers`` that keeps solver statistics, by dotted name."""
     return {name: m for name, m in module.named_modules()
-            if isinstance(getattr(m, "stats", None), il.LayerStats)}
+            if type(m).__module__.startswith("implicit_layers.") and hasattr(m, "stats")}
+
+
+def phases(stats) -> dict[str, il.SolverStats]:
+    """The solves a layer reported: a :class:`~implicit_layers.LayerStats` has forward,
+    backward (and tangent) solves; a bare :class:`~implicit_layers.SolverStats` is a forward
+    solve; ``None`` (a layer that reports nothing for this backend) has none."""
+    if isinstance(stats, il.SolverStats):
+        return {"forward": stats}
+    if isinstance(stats, il.LayerStats):
+        return {p: getattr(stats, p) for p in ("forward", "backward")
+                if getattr(stats, p) is not None}
+    return {}
 
 
 def solver_metrics(module: torch.nn.Module) -> dict[str, float]:
@@ -29,10 +41,7 @@ def solver_metrics(module: torch.nn.Module) -> dict[str, float]:
     out = {}
     for name, layer in layers.items():
         prefix = "solver/" if len(layers) == 1 else f"solver/{name}/"
-        for phase in ("forward", "backward"):
-            stats = getattr(layer.stats, phase)
-            if stats is None:
-                continue
+        for phase, stats in phases(layer.stats).items():
             summary = stats.summary()
             out.update({f"{prefix}{phase}_{short}": summary[key] for key, short in LOGGED.items()})
     return out
