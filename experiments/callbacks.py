@@ -72,7 +72,7 @@ class SolverStatsLogger(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         row = {"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **metrics}
         if loss is not None:
-            row["train_loss"] = float(loss)
+            row["train_loss"] = float(loss.detach())
         self.steps.append(row)
 
     def on_validation_epoch_end(self, trainer, pl_module):

@@ -20,7 +20,7 @@ def parse_target(spec: str) -> tuple[str, float]:
     raise ValueError(f"target {spec!r} must look like '>= 0.97' or '<= 1e-3'")
 
 
-def check_targets(metrics: dict[str, float], targets: dict[str, str]) -> dict[str, dict]:
+def evaluate_targets(metrics: dict[str, float], targets: dict[str, str]) -> dict[str, dict]:
     """For each ``metric: "OP value"``, the value reached and whether it meets the bound."""
     out = {}
     for name, spec in targets.items():
@@ -43,7 +43,7 @@ def write_summary(out_dir: Path, experiment: str, metrics: dict[str, float],
     record = {
         "experiment": experiment,
         "metrics": metrics,
-        "targets": check_targets(metrics, targets),
+        "targets": evaluate_targets(metrics, targets),
         **extra,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),

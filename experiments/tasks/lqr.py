@@ -124,12 +124,13 @@ class LQRGain(TaskModule):
 
     def training_step(self, system, _idx):
         J = self.cost(system)
-        self.log_dict({"train_loss": J, **self._errors(float(J))}, prog_bar=True, batch_size=1)
+        errors = self._errors(float(J.detach()))
+        self.log_dict({"train_loss": J, **errors}, prog_bar=True, batch_size=1)
         return J
 
     def validation_step(self, system, _idx):
         J = self.cost(system)
-        errors = {f"val_{k}": v for k, v in self._errors(float(J)).items()}
+        errors = {f"val_{k}": v for k, v in self._errors(float(J.detach())).items()}
         self.log_dict({"val_loss": J, **errors}, batch_size=1)
 
     def test_step(self, system, _idx):
