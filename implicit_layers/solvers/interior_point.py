@@ -169,7 +169,7 @@ class InteriorPoint:
                 t.index_select(0, go) for t in sub)
             fac = factor_qp_kkt(Qg, Ag, Gg, (mg / sg).clamp_max(cap), reg)
             rg = (t.index_select(0, go) for t in (r_d, r_e, r_i))
-            dx, dl, dm, ds, alpha = self._step(fac, *rg, sg, mg)
+            dx, dl, dm, ds, alpha = self._step(fac, *rg, sg, mg, res.index_select(0, go))
             alpha = torch.where(fac.ok, alpha, 0.0)
             gi = idx.index_select(0, go)
             status[gi[~fac.ok]] = QPStatus.NUMERICAL
@@ -234,7 +234,7 @@ class InteriorPoint:
         return G, torch.where(ok, s, one) / torch.where(ok, mu, one), None
 
     @staticmethod
-    def _step(fac: QPKKTFactor, r_d, r_e, r_i, s, mu):
+    def _step(fac: QPKKTFactor, r_d, r_e, r_i, s, mu, res):
         """One Mehrotra predictor-corrector direction ``(dx, dλ, dμ, ds)`` and step length."""
         m = s.shape[-1]
 
@@ -249,7 +249,8 @@ class InteriorPoint:
         tau_aff = ((s + a_aff[:, None] * aff[3]) * (mu + a_aff[:, None] * aff[2])).sum(-1) / max(m, 1)
         sigma = (tau_aff / tau.clamp_min(torch.finfo(s.dtype).tiny)).clamp(0, 1) ** 3
         dx, dl, dm, ds = direction(s * mu + aff[3] * aff[2] - (sigma * tau)[:, None])
-        alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(mu, dm))).clamp(max=1.0)
+        eta = 1 - res.clamp(max=0.01)
+        alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(mu, dm))).clamp(max=1.0)
         return dx, dl, dm, ds, alpha
 
     @staticmethod
