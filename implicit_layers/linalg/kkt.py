@@ -108,17 +108,17 @@ class QPKKTFactor:
 def factor_qp_kkt(Q: Tensor, A: Tensor, G: Tensor, Winv: Tensor, reg: float) -> QPKKTFactor:
     """Factor ``M`` for ``Q (B,n,n)``, ``A (B,p,n)``, ``G (B,m,n)`` and ``W⁻¹ (B,m)``."""
     n, p = Q.shape[-1], A.shape[-2]
-    eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
-    H = Q + G.mT @ (G * Winv.unsqueeze(-1)) + reg * eye
+    H = torch.baddbmm(Q, G.mT, G * Winv.unsqueeze(-1))  # one pass: no temporaries of size n²
+    H.diagonal(dim1=-2, dim2=-1).add_(reg)
+    # failed samples keep whatever cholesky_ex left in L: every solve masks them with ``ok``
     L, info = torch.linalg.cholesky_ex(H)
     ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
-    L = torch.where(ok[:, None, None], L, eye)  # failed samples: harmless identity factors
     if p > 0:
         V = _tri(L, A.mT)
-        S = V.mT @ V + reg * torch.eye(p, dtype=Q.dtype, device=Q.device)
+        S = V.mT @ V
+        S.diagonal(dim1=-2, dim2=-1).add_(reg)
         LS, info_s = torch.linalg.cholesky_ex(S)
         ok = ok & (info_s == 0) & torch.isfinite(LS.diagonal(dim1=-2, dim2=-1)).all(-1)
-        LS = torch.where(ok[:, None, None], LS, torch.eye(p, dtype=Q.dtype, device=Q.device))
     else:
         V = Q.new_zeros(Q.shape[0], n, 0)
         LS = Q.new_zeros(Q.shape[0], 0, 0)
