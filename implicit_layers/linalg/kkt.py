@@ -63,6 +63,10 @@ class QPKKTFactor:
         With ``g = r₁ + GᵀW⁻¹r₃`` and ``y = L⁻¹g``: ``z₂ = S⁻¹(Vᵀy − r₂)``,
         ``z₁ = L⁻ᵀ(y − V z₂)``, ``z₃ = W⁻¹(G z₁ − r₃)``: two triangular solves with ``L``.
         """
+        return self.solve_and_product(r1, r2, r3)[:3]
+
+    def solve_and_product(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, ...]:
+        """:meth:`solve`'s ``(z₁, z₂, z₃)`` and the product ``G z₁`` it computes on the way."""
         g = r1 + _mv(self.G.mT, self.Winv * r3)
         y = _tri(self.L, g.unsqueeze(-1)).squeeze(-1)
         if self.A.shape[-2] > 0:
@@ -72,11 +76,11 @@ class QPKKTFactor:
         else:
             z2 = torch.zeros_like(r2)
         z1 = _tri(self.L, y.unsqueeze(-1), transpose=True).squeeze(-1)
-        z3 = self.Winv * (_mv(self.G, z1) - r3)
+        Gz1 = _mv(self.G, z1)
+        z3 = self.Winv * (Gz1 - r3)
         keep = self.ok.unsqueeze(-1)
         zero = torch.zeros((), dtype=z1.dtype, device=z1.device)
-        return (torch.where(keep, z1, zero), torch.where(keep, z2, zero),
-                torch.where(keep, z3, zero))
+        return tuple(torch.where(keep, t, zero) for t in (z1, z2, z3, Gz1))
 
     @classmethod
     def identity(cls, Q: Tensor, A: Tensor, G: Tensor) -> QPKKTFactor:
