@@ -10,7 +10,7 @@ has the symmetric quasi-definite form
 Eliminating the third block, ``z₃ = W⁻¹(G z₁ − r₃)``, and then the second through its Schur
 complement leaves two batched Cholesky factorizations:
 
-    H = Q + Gᵀ W⁻¹ G + δ I,        S = A H⁻¹ Aᵀ + δ I,
+    H = Q + Gᵀ W⁻¹ G + δ I = L Lᵀ,        S = A H⁻¹ Aᵀ + δ I = VᵀV + δ I,    V = L⁻¹Aᵀ
 
 (``δ`` is a small regularization that makes ``H`` positive definite for linear programs and
 positive semidefinite ``Q``; callers that need the exact ``M`` refine the solution, see
@@ -27,15 +27,16 @@ from torch import Tensor
 
 
 def _mv(M: Tensor, v: Tensor) -> Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
+    """``M v`` for ``M (B, m, n)`` and ``v (..., B, n)``. Written as the row vector ``vᵀMᵀ``:
+    on CPU, batched matrix @ column is several times slower than row @ matrix."""
+    return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
 
 
-def _chol_solve(L: Tensor, B: Tensor) -> Tensor:
-    """``(L Lᵀ)⁻¹ B`` by two triangular solves (faster than ``cholesky_solve`` for batches)."""
+def _tri(L: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
+    """``L⁻¹ B`` (or ``L⁻ᵀ B``) for lower-triangular ``L (B, n, n)`` and ``B (..., B, n, k)``."""
     if B.shape[:-2] != L.shape[:-2]:
         L = L.expand(*B.shape[:-2], *L.shape[-2:])
-    Y = torch.linalg.solve_triangular(L, B, upper=False)
-    return torch.linalg.solve_triangular(L.mT, Y, upper=True)
+    return torch.linalg.solve_triangular(L.mT if transpose else L, B, upper=transpose)
 
 
 @dataclass
@@ -44,32 +45,42 @@ class QPKKTFactor:
 
     Attributes:
         L: ``(B, n, n)`` Cholesky factor of ``H``; LS: ``(B, p, p)`` Cholesky factor of ``S``.
-        HiAt: ``(B, n, p)`` ``H⁻¹Aᵀ``; A, G: the constraint matrices; Winv: ``(B, m)``.
+        V: ``(B, n, p)`` ``L⁻¹Aᵀ``; A, G: the constraint matrices; Winv: ``(B, m)``.
         ok: ``(B,)`` True where both factorizations succeeded (elsewhere solves return 0).
     """
 
     L: Tensor
     LS: Tensor
-    HiAt: Tensor
+    V: Tensor
     A: Tensor
     G: Tensor
     Winv: Tensor
     ok: Tensor
 
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Solve ``M z = r`` for right-hand sides of shape ``(..., B, k)`` (extra dims broadcast)."""
+        """Solve ``M z = r`` for right-hand sides of shape ``(..., B, k)`` (extra dims broadcast).
+
+        With ``g = r₁ + GᵀW⁻¹r₃`` and ``y = L⁻¹g``: ``z₂ = S⁻¹(Vᵀy − r₂)``,
+        ``z₁ = L⁻ᵀ(y − V z₂)``, ``z₃ = W⁻¹(G z₁ − r₃)``: two triangular solves with ``L``.
+        """
+        return self.solve_and_product(r1, r2, r3)[:3]
+
+    def solve_and_product(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, ...]:
+        """:meth:`solve`'s ``(z₁, z₂, z₃)`` and the product ``G z₁`` it computes on the way."""
         g = r1 + _mv(self.G.mT, self.Winv * r3)
-        Hg = _chol_solve(self.L, g.unsqueeze(-1)).squeeze(-1)
+        y = _tri(self.L, g.unsqueeze(-1)).squeeze(-1)
         if self.A.shape[-2] > 0:
-            z2 = _chol_solve(self.LS, (_mv(self.A, Hg) - r2).unsqueeze(-1)).squeeze(-1)
-            z1 = Hg - _mv(self.HiAt, z2)
+            t = _tri(self.LS, (_mv(self.V.mT, y) - r2).unsqueeze(-1))
+            z2 = _tri(self.LS, t, transpose=True).squeeze(-1)
+            y = y - _mv(self.V, z2)
         else:
-            z2, z1 = torch.zeros_like(r2), Hg
-        z3 = self.Winv * (_mv(self.G, z1) - r3)
+            z2 = torch.zeros_like(r2)
+        z1 = _tri(self.L, y.unsqueeze(-1), transpose=True).squeeze(-1)
+        Gz1 = _mv(self.G, z1)
+        z3 = self.Winv * (Gz1 - r3)
         keep = self.ok.unsqueeze(-1)
         zero = torch.zeros((), dtype=z1.dtype, device=z1.device)
-        return (torch.where(keep, z1, zero), torch.where(keep, z2, zero),
-                torch.where(keep, z3, zero))
+        return tuple(torch.where(keep, t, zero) for t in (z1, z2, z3, Gz1))
 
     @classmethod
     def identity(cls, Q: Tensor, A: Tensor, G: Tensor) -> QPKKTFactor:
@@ -92,30 +103,30 @@ class QPKKTFactor:
         return QPKKTFactor(*(t.repeat(k, *([1] * (t.ndim - 1))) for t in self._fields()))
 
     def _fields(self) -> tuple[Tensor, ...]:
-        return (self.L, self.LS, self.HiAt, self.A, self.G, self.Winv, self.ok)
+        return (self.L, self.LS, self.V, self.A, self.G, self.Winv, self.ok)
 
     def _varying(self) -> tuple[Tensor, ...]:
-        return (self.L, self.LS, self.HiAt, self.Winv, self.ok)
+        return (self.L, self.LS, self.V, self.Winv, self.ok)
 
 
 def factor_qp_kkt(Q: Tensor, A: Tensor, G: Tensor, Winv: Tensor, reg: float) -> QPKKTFactor:
     """Factor ``M`` for ``Q (B,n,n)``, ``A (B,p,n)``, ``G (B,m,n)`` and ``W⁻¹ (B,m)``."""
     n, p = Q.shape[-1], A.shape[-2]
-    eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
-    H = Q + G.mT @ (G * Winv.unsqueeze(-1)) + reg * eye
+    H = torch.baddbmm(Q, G.mT, G * Winv.unsqueeze(-1))  # one pass: no temporaries of size n²
+    H.diagonal(dim1=-2, dim2=-1).add_(reg)
+    # failed samples keep whatever cholesky_ex left in L: every solve masks them with ``ok``
     L, info = torch.linalg.cholesky_ex(H)
     ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
-    L = torch.where(ok[:, None, None], L, eye)  # failed samples: harmless identity factors
     if p > 0:
-        HiAt = _chol_solve(L, A.mT)
-        S = A @ HiAt + reg * torch.eye(p, dtype=Q.dtype, device=Q.device)
+        V = _tri(L, A.mT)
+        S = V.mT @ V
+        S.diagonal(dim1=-2, dim2=-1).add_(reg)
         LS, info_s = torch.linalg.cholesky_ex(S)
         ok = ok & (info_s == 0) & torch.isfinite(LS.diagonal(dim1=-2, dim2=-1)).all(-1)
-        LS = torch.where(ok[:, None, None], LS, torch.eye(p, dtype=Q.dtype, device=Q.device))
     else:
-        HiAt = Q.new_zeros(Q.shape[0], n, 0)
+        V = Q.new_zeros(Q.shape[0], n, 0)
         LS = Q.new_zeros(Q.shape[0], 0, 0)
-    return QPKKTFactor(L, LS, HiAt, A, G, Winv, ok)
+    return QPKKTFactor(L, LS, V, A, G, Winv, ok)
 
 
 def kkt_matvec(Q: Tensor, A: Tensor, G: Tensor, w: Tensor, z1: Tensor, z2: Tensor, z3: Tensor):

@@ -156,7 +156,10 @@ class InteriorPoint:
             sub = [pick(t) for t in (*data, x, lam, mu, s)]
             (r_d, r_e, r_i), res, products = self._residuals(*sub)
             new = self._classify(sub, res, products, pick(scale), tol, inf_tol, last=k == self.max_iter)
-            status[idx], iters[idx], residual[idx] = new, k, res
+            if everyone:
+                status.copy_(new), iters.fill_(k), residual.copy_(res)
+            else:
+                status[idx], iters[idx], residual[idx] = new, k, res
             stop = new != RUNNING
             if bool(stop.any()):  # the factorization the backward and JVP will reuse
                 j = stop.nonzero().squeeze(-1)
@@ -168,13 +171,17 @@ class InteriorPoint:
             Qg, _, Ag, _, Gg, _, _, _, mg, sg = sub if go.numel() == idx.numel() else (
                 t.index_select(0, go) for t in sub)
             fac = factor_qp_kkt(Qg, Ag, Gg, (mg / sg).clamp_max(cap), reg)
-            rg = (t.index_select(0, go) for t in (r_d, r_e, r_i))
+            same = go.numel() == idx.numel()
+            rg = (t if same else t.index_select(0, go) for t in (r_d, r_e, r_i, res))
             dx, dl, dm, ds, alpha = self._step(fac, *rg, sg, mg)
             alpha = torch.where(fac.ok, alpha, 0.0)
             gi = idx.index_select(0, go)
             status[gi[~fac.ok]] = QPStatus.NUMERICAL
             for state, d in ((x, dx), (lam, dl), (mu, dm), (s, ds)):
-                state.index_copy_(0, gi, state.index_select(0, gi) + alpha[:, None] * d)
+                if go.numel() == B:
+                    state.add_(alpha[:, None] * d)
+                else:
+                    state.index_copy_(0, gi, state.index_select(0, gi) + alpha[:, None] * d)
         solved = status == QPStatus.SOLVED
         final.ok &= solved
         stats = SolverStats(self.name, iters, residual, solved, evaluations=int(iters.max()) + 1)
@@ -234,14 +241,14 @@ class InteriorPoint:
         return G, torch.where(ok, s, one) / torch.where(ok, mu, one), None
 
     @staticmethod
-    def _step(fac: QPKKTFactor, r_d, r_e, r_i, s, mu):
+    def _step(fac: QPKKTFactor, r_d, r_e, r_i, res, s, mu):
         """One Mehrotra predictor-corrector direction ``(dx, dλ, dμ, ds)`` and step length."""
         m = s.shape[-1]
 
         def direction(r_c):
             # Z ds + S dμ = −r_c and G dx + ds = −r_i  ⇒  G dx − (s/μ) dμ = −r_i + r_c/μ
-            dx, dl, dm = fac.solve(-r_d, -r_e, -r_i + r_c / mu)
-            return dx, dl, dm, -r_i - _mv(fac.G, dx)
+            dx, dl, dm, Gdx = fac.solve_and_product(-r_d, -r_e, -r_i + r_c / mu)
+            return dx, dl, dm, -r_i - Gdx
 
         aff = direction(s * mu)
         a_aff = torch.minimum(_max_step(s, aff[3]), _max_step(mu, aff[2]))
@@ -249,7 +256,8 @@ class InteriorPoint:
         tau_aff = ((s + a_aff[:, None] * aff[3]) * (mu + a_aff[:, None] * aff[2])).sum(-1) / max(m, 1)
         sigma = (tau_aff / tau.clamp_min(torch.finfo(s.dtype).tiny)).clamp(0, 1) ** 3
         dx, dl, dm, ds = direction(s * mu + aff[3] * aff[2] - (sigma * tau)[:, None])
-        alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(mu, dm))).clamp(max=1.0)
+        eta = 1 - res.clamp(max=0.01)
+        alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(mu, dm))).clamp(max=1.0)
         return dx, dl, dm, ds, alpha
 
     @staticmethod

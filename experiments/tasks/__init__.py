@@ -1,0 +1,1 @@
+"""One LightningModule + LightningDataModule per experiment (configs/experiment/*.yaml)."""
