@@ -10,7 +10,8 @@ from experiments.train import CONFIGS, train
 
 # experiment -> the layer it trains through (its test is skipped until that layer has landed)
 EXPERIMENTS = {"deq_digits": "DEQLayer", "lqr_lyapunov": "LyapunovLayer",
-               "qp_decision": "EqualityQPLayer", "rootfind_eos": "RootFindLayer"}
+               "qp_decision": "EqualityQPLayer", "rootfind_eos": "RootFindLayer",
+               "qp_sudoku": "QPLayer"}
 
 
 def needs_layer(experiment: str):

@@ -15,6 +15,7 @@ from tests.experiments.conftest import needs_layer, run
     pytest.param("lqr_lyapunov", marks=needs_layer("lqr_lyapunov")),
     pytest.param("qp_decision", marks=needs_layer("qp_decision")),
     pytest.param("rootfind_eos", marks=needs_layer("rootfind_eos")),
+    pytest.param("qp_sudoku", marks=needs_layer("qp_sudoku")),
 ])
 def test_experiment_reaches_its_targets(name, tmp_path):
     run(tmp_path, f"experiment={name}")
