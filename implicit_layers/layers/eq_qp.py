@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_layers.core.checks import check_same_dtype_device, check_tensor
+from implicit_layers.core.stats import LayerStats, SolverStats
 from implicit_layers.layers.eq_qp_dense import DenseKKTBackend
 from implicit_layers.layers.eq_qp_osqp import OSQPBackend
 from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend, is_sparse
@@ -105,7 +106,7 @@ class EqualityQPLayer(nn.Module):
         else:
             raise ValueError(f"backend must be a name or a backend instance, got {backend!r}")
         self.backend = backend
-        self.stats = None
+        self.stats = LayerStats()
 
     def resolve(self, Q, A):
         """The backend instance that solves these inputs."""
@@ -121,7 +122,10 @@ class EqualityQPLayer(nn.Module):
         if not getattr(backend, "accepts_sparse", False) or not (is_sparse(Q) or is_sparse(A)):
             check_eq_qp_inputs(Q, c, A, b, finite=not getattr(backend, "checks_finite", False))
         x, lam = backend(Q, c, A, b)
-        self.stats = getattr(backend, "stats", None)
+        solve = getattr(backend, "stats", None)  # iterative backends (OSQP) report their own
+        if solve is None:  # a direct KKT factorization: one exact step per sample
+            solve = SolverStats.exact(type(backend).__name__, x.shape[:-1], device=x.device)
+        self.stats = LayerStats(forward=solve)
         return x, lam
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from tests.experiments.conftest import experiment_params, needs_layer, run, stat
 # The solves each experiment's layer reports at least (the dense equality-QP backend reports none;
 # the Lyapunov layer is a direct solve whose backward reuses the forward factorization).
 REPORTED = {"deq_digits": ("forward", "backward"), "lqr_lyapunov": ("forward",),
-            "qp_decision": (), "rootfind_eos": ("forward", "backward"), "qp_sudoku": ("forward",)}
+            "qp_decision": ("forward",), "rootfind_eos": ("forward", "backward"), "qp_sudoku": ("forward",)}
 
 # Small but real settings per experiment: a few epochs on reduced data.
 SHORT = {

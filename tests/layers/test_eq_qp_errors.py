@@ -130,3 +130,14 @@ def test_bad_backend_arguments():
     Q, c, A, b = random_qp((2,), n=4, m=2)
     with pytest.raises(NotImplementedError, match="OSQP backend does not support torch.func"):
         torch.func.vmap(il.EqualityQPLayer("osqp"))(Q, c, A, b)
+
+
+def test_every_backend_reports_solver_stats():
+    Q = torch.eye(3, dtype=torch.float64)
+    c = torch.randn(4, 3, dtype=torch.float64)
+    A, b = torch.ones(1, 3, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    for backend in ("dense", "osqp"):
+        layer = il.EqualityQPLayer(backend=backend)
+        layer(Q, c, A, b)
+        assert layer.stats.forward.all_converged, backend
+        assert layer.stats.forward.converged.shape == (4,), backend
