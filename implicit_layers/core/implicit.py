@@ -46,6 +46,7 @@ class ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def forward(problem: ImplicitProblem, y0: Tensor, *tensors: Tensor) -> Tensor:
         xs, params = tensors[: problem.n_x], tensors[problem.n_x :]
+        # value checks run here, on plain tensors (also under vmap), once per call
         for i, x in enumerate(xs):
             check_tensor(f"x[{i}]" if problem.n_x > 1 else "x", x)
         check_tensor("y0", y0)
@@ -221,12 +222,12 @@ class ImplicitLayer(nn.Module):
         packed = isinstance(x, (tuple, list))
         xs = tuple(x) if packed else (x,)
         for i, t in enumerate(xs):
-            check_tensor(f"x[{i}]" if packed else "x", t)
+            check_tensor(f"x[{i}]" if packed else "x", t, finite=False)  # values: in the Function
         if y0 is None:
             if self.init is None:
                 raise ValueError("y0 is required: this layer has no init to guess it from x")
             y0 = self.init(x)
-        check_tensor("y0", y0, min_ndim=self.event_ndim)
+        check_tensor("y0", y0, min_ndim=self.event_ndim, finite=False)
         check_same_dtype_device({"y0": y0, **{f"x[{i}]": t for i, t in enumerate(xs)}})
         params = tuple(p for p in self.fn.parameters() if p.requires_grad)
         slots = _parameter_slots(self.fn, params)
