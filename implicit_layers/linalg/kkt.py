@@ -65,19 +65,25 @@ class QPKKTFactor:
         """
         return self.solve_and_product(r1, r2, r3)[:3]
 
-    def solve_and_product(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, ...]:
-        """:meth:`solve`'s ``(z₁, z₂, z₃)`` and the product ``G z₁`` it computes on the way."""
-        g = r1 + _mv(self.G.mT, self.Winv * r3)
+    def solve_and_product(self, r1: Tensor | None, r2: Tensor | None, r3: Tensor) -> tuple[Tensor, ...]:
+        """:meth:`solve`'s ``(z₁, z₂, z₃)`` and the product ``G z₁`` it computes on the way;
+        ``r₁ = r₂ = None`` stand for zeros."""
+        g = _mv(self.G.mT, self.Winv * r3)
+        if r1 is not None:
+            g = g + r1
         y = _tri(self.L, g.unsqueeze(-1)).squeeze(-1)
         if self.A.shape[-2] > 0:
-            t = _tri(self.LS, (_mv(self.V.mT, y) - r2).unsqueeze(-1))
+            Vy = _mv(self.V.mT, y)
+            t = _tri(self.LS, (Vy if r2 is None else Vy - r2).unsqueeze(-1))
             z2 = _tri(self.LS, t, transpose=True).squeeze(-1)
             y = y - _mv(self.V, z2)
         else:
-            z2 = torch.zeros_like(r2)
+            z2 = y[..., :0]
         z1 = _tri(self.L, y.unsqueeze(-1), transpose=True).squeeze(-1)
         Gz1 = _mv(self.G, z1)
         z3 = self.Winv * (Gz1 - r3)
+        if bool(self.ok.all()):
+            return z1, z2, z3, Gz1
         keep = self.ok.unsqueeze(-1)
         zero = torch.zeros((), dtype=z1.dtype, device=z1.device)
         return tuple(torch.where(keep, t, zero) for t in (z1, z2, z3, Gz1))
@@ -93,10 +99,11 @@ class QPKKTFactor:
     def select(self, idx: Tensor) -> QPKKTFactor:
         return QPKKTFactor(*(t.index_select(0, idx) for t in self._fields()))
 
-    def put_(self, idx: Tensor, other: QPKKTFactor) -> None:
-        """Overwrite samples ``idx`` with ``other``'s factors (in place; A, G are shared data)."""
+    def put_(self, idx: Tensor, other: QPKKTFactor, src: Tensor | None = None) -> None:
+        """Overwrite samples ``idx`` with ``other``'s factors (its samples ``src``, default all);
+        in place, A and G are shared data."""
         for mine, theirs in zip(self._varying(), other._varying(), strict=True):
-            mine.index_copy_(0, idx, theirs)
+            mine.index_copy_(0, idx, theirs if src is None else theirs.index_select(0, src))
 
     def repeat(self, k: int) -> QPKKTFactor:
         """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""

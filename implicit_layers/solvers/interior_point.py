@@ -33,6 +33,7 @@ from torch import Tensor
 
 from implicit_layers.core.stats import SolverStats
 from implicit_layers.linalg.kkt import QPKKTFactor, _mv, factor_qp_kkt
+from implicit_layers.linalg.kkt_reduced import ReducedQPKKTFactor, reduce_qp_kkt
 
 RUNNING = -1
 
@@ -116,11 +117,21 @@ class InteriorPoint:
     name = "InteriorPoint"
 
     def __init__(self, tol: float | None = None, max_iter: int = 50, reg: float | None = None,
-                 infeasibility_tol: float | None = None, floor: float | None = None):
+                 infeasibility_tol: float | None = None, floor: float | None = None,
+                 kkt_form: str = "auto"):
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        if kkt_form not in ("auto", "primal", "dual"):
+            raise ValueError(f"kkt_form must be 'auto', 'primal' or 'dual', got {kkt_form!r}")
         self.tol, self.max_iter, self.reg, self.infeasibility_tol = tol, max_iter, reg, infeasibility_tol
-        self.floor = floor
+        self.floor, self.kkt_form = floor, kkt_form
+
+    def _use_dual(self, Q: Tensor, A: Tensor, G: Tensor) -> bool:
+        """Whether to try the reduced (dual) order: asked for, or cheaper per iteration."""
+        if self.kkt_form != "auto":
+            return self.kkt_form == "dual"
+        n, p, m = Q.shape[-1], A.shape[-2], G.shape[-2]
+        return m > 0 and m ** 3 / 3 < 2 * n * n * m + n ** 3 / 3 + n * n * p
 
     def _defaults(self, dtype: torch.dtype) -> tuple[float, float, float]:
         f64 = dtype == torch.float64
@@ -133,17 +144,26 @@ class InteriorPoint:
         """Solve a flat batch: ``Q (B,n,n)``, ``c (B,n)``, ``A (B,p,n)``, ``b (B,p)``,
         ``G (B,m,n)``, ``h (B,m)`` (``p = 0`` for no equalities)."""
         tol, reg, inf_tol = self._defaults(Q.dtype)
-        floor = self.floor if self.floor is not None else (1e-8 if Q.dtype == torch.float64 else 1e-4)
         # steps keep s/μ ≥ 1e-10 (float32: √ε) so that the Cholesky factorization of H succeeds
         cap = 1e10 if Q.dtype == torch.float64 else torch.finfo(Q.dtype).eps ** -0.5
         B = Q.shape[0]
         data = (Q, c, A, b, G, h)
         scale = 1 + torch.stack([_inf(t.flatten(1)) for t in (Q, A, G)]).amax(0)  # for certificates
-        x, lam, mu, s = self._initial_point(*data, reg)
+        reduced = reduce_qp_kkt(Q, A, G) if self._use_dual(Q, A, G) else None
+        floor = self.floor if self.floor is not None or reduced is not None else (
+            1e-8 if Q.dtype == torch.float64 else 1e-4)
+
+        def factor(Winv, idx=None):
+            if reduced is not None:
+                return reduced.factor(Winv, reg, idx)
+            pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
+            return factor_qp_kkt(pick(Q), pick(A), pick(G), Winv, reg)
+
+        x, lam, mu, s = self._initial_point(factor(torch.ones_like(h)), c, b, h)
         status = torch.full((B,), RUNNING, dtype=torch.int64, device=Q.device)
         iters = torch.zeros(B, dtype=torch.int64, device=Q.device)
         residual = torch.full((B,), float("inf"), dtype=Q.dtype, device=Q.device)
-        final = QPKKTFactor.identity(Q, A, G)
+        final = ReducedQPKKTFactor.identity(reduced) if reduced is not None else QPKKTFactor.identity(Q, A, G)
         for k in range(self.max_iter + 1):
             idx = (status == RUNNING).nonzero().squeeze(-1)
             if idx.numel() == 0:
@@ -161,27 +181,23 @@ class InteriorPoint:
             else:
                 status[idx], iters[idx], residual[idx] = new, k, res
             stop = new != RUNNING
+            _, _, _, _, _, _, _, _, mu_k, s_k = sub
+            fac = factor((mu_k / s_k).clamp_max(cap), None if everyone else idx)
             if bool(stop.any()):  # the factorization the backward and JVP will reuse
                 j = stop.nonzero().squeeze(-1)
-                Qj, _, Aj, _, Gj, _, _, _, mj, sj = (t.index_select(0, j) for t in sub)
-                final.put_(idx[j], factor_qp_kkt(Qj, Aj, Gj, (mj / sj).clamp_max(1 / floor), reg))
-            go = (~stop).nonzero().squeeze(-1)
-            if go.numel() == 0:
-                continue
-            Qg, _, Ag, _, Gg, _, _, _, mg, sg = sub if go.numel() == idx.numel() else (
-                t.index_select(0, go) for t in sub)
-            fac = factor_qp_kkt(Qg, Ag, Gg, (mg / sg).clamp_max(cap), reg)
-            same = go.numel() == idx.numel()
-            rg = (t if same else t.index_select(0, go) for t in (r_d, r_e, r_i, res))
-            dx, dl, dm, ds, alpha = self._step(fac, *rg, sg, mg)
-            alpha = torch.where(fac.ok, alpha, 0.0)
-            gi = idx.index_select(0, go)
-            status[gi[~fac.ok]] = QPStatus.NUMERICAL
-            for state, d in ((x, dx), (lam, dl), (mu, dm), (s, ds)):
-                if go.numel() == B:
-                    state.add_(alpha[:, None] * d)
+                if floor is None:  # the reduced order: this very factorization
+                    final.put_(idx[j], fac, src=j)
                 else:
-                    state.index_copy_(0, gi, state.index_select(0, gi) + alpha[:, None] * d)
+                    mj, sj = mu_k.index_select(0, j), s_k.index_select(0, j)
+                    final.put_(idx[j], factor((mj / sj).clamp_max(1 / floor), idx[j]))
+                if bool(stop.all()):
+                    continue
+            dx, dl, dm, ds, alpha = self._step(fac, r_d, r_e, r_i, res, s_k, mu_k)
+            status[idx[~fac.ok & ~stop]] = QPStatus.NUMERICAL
+            move = (fac.ok & ~stop)[:, None]  # samples that stopped keep their point exactly
+            for state, d in ((x, dx), (lam, dl), (mu, dm), (s, ds)):
+                step = torch.where(move, alpha[:, None] * d, 0.0)
+                state.add_(step) if everyone else state.index_add_(0, idx, step)
         solved = status == QPStatus.SOLVED
         final.ok &= solved
         stats = SolverStats(self.name, iters, residual, solved, evaluations=int(iters.max()) + 1)
@@ -241,30 +257,30 @@ class InteriorPoint:
         return G, torch.where(ok, s, one) / torch.where(ok, mu, one), None
 
     @staticmethod
-    def _step(fac: QPKKTFactor, r_d, r_e, r_i, res, s, mu):
-        """One Mehrotra predictor-corrector direction ``(dx, dλ, dμ, ds)`` and step length."""
+    def _step(fac, r_d, r_e, r_i, res, s, mu):
+        """One Mehrotra predictor-corrector direction ``(dx, dλ, dμ, ds)`` and step length.
+
+        Both directions solve the Newton system with right-hand side
+        ``(−r_d, −r_e, −r_i + r_c/μ)``, where ``Z ds + S dμ = −r_c`` and ``G dx + ds = −r_i``
+        (hence ``G dx − (s/μ) dμ = −r_i + r_c/μ``). They differ only in ``r_c``, so the
+        corrector is the predictor plus one solve with ``(0, 0, Δr_c/μ)``.
+        """
         m = s.shape[-1]
-
-        def direction(r_c):
-            # Z ds + S dμ = −r_c and G dx + ds = −r_i  ⇒  G dx − (s/μ) dμ = −r_i + r_c/μ
-            dx, dl, dm, Gdx = fac.solve_and_product(-r_d, -r_e, -r_i + r_c / mu)
-            return dx, dl, dm, -r_i - Gdx
-
-        aff = direction(s * mu)
-        a_aff = torch.minimum(_max_step(s, aff[3]), _max_step(mu, aff[2]))
+        dx, dl, dm, Gdx = fac.solve_and_product(-r_d, -r_e, s - r_i)  # predictor: r_c = s∘μ
+        ds = -r_i - Gdx
+        a_aff = torch.minimum(_max_step(s, ds), _max_step(mu, dm))
         tau = (s * mu).sum(-1) / max(m, 1)
-        tau_aff = ((s + a_aff[:, None] * aff[3]) * (mu + a_aff[:, None] * aff[2])).sum(-1) / max(m, 1)
+        tau_aff = ((s + a_aff[:, None] * ds) * (mu + a_aff[:, None] * dm)).sum(-1) / max(m, 1)
         sigma = (tau_aff / tau.clamp_min(torch.finfo(s.dtype).tiny)).clamp(0, 1) ** 3
-        dx, dl, dm, ds = direction(s * mu + aff[3] * aff[2] - (sigma * tau)[:, None])
+        cx, cl, cm, Gcx = fac.solve_and_product(None, None, (ds * dm - (sigma * tau)[:, None]) / mu)
+        dx, dl, dm, ds = dx + cx, dl + cl, dm + cm, ds - Gcx
         eta = 1 - res.clamp(max=0.01)
         alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(mu, dm))).clamp(max=1.0)
         return dx, dl, dm, ds, alpha
 
     @staticmethod
-    def _initial_point(Q, c, A, b, G, h, reg):
-        """Solve the KKT system with ``W = I``, then shift ``s`` and ``μ`` into the interior."""
-        ones = torch.ones_like(h)
-        fac = factor_qp_kkt(Q, A, G, ones, reg)
+    def _initial_point(fac, c, b, h):
+        """Solve the KKT system with ``W = I`` (``fac``), then shift ``s`` and ``μ`` into the interior."""
         x, lam, z = fac.solve(-c, b, h)  # G x − z = h ⇒ z = Gx − h = −(slack)
         s = -z
 

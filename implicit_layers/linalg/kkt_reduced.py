@@ -1,0 +1,166 @@
+"""The QP KKT matrix reduced to the inequality multipliers, for positive definite ``Q``.
+
+Same matrix as :mod:`implicit_layers.linalg.kkt`,
+
+    M = [ Q   Aᵀ  Gᵀ ]
+        [ A   0   0  ]        W = diag(w), w > 0,
+        [ G   0  −W  ]
+
+but eliminated in the other order: ``x`` through ``Q = L Lᵀ``, then ``λ`` through
+``A Q⁻¹ Aᵀ = R Rᵀ``. With ``U_A = L⁻¹Aᵀ``, ``U_G = L⁻¹Gᵀ`` and ``T = R⁻¹ U_Aᵀ U_G`` what is
+left for ``z₃`` is
+
+    K = P + W + δ I,      P = G Z Gᵀ = U_Gᵀ U_G − Tᵀ T,      Z = Q⁻¹ − Q⁻¹Aᵀ(AQ⁻¹Aᵀ)⁻¹AQ⁻¹.
+
+``P`` does not depend on ``W``: an interior point computes it once per problem and then pays
+one ``m × m`` Cholesky factorization per iteration, where the other order forms
+``Q + GᵀW⁻¹G`` (``2n²m`` flops) and factors ``n × n`` and ``p × p`` matrices every time.
+Solving ``M z = r`` (``y = L⁻¹r₁``):
+
+    z₃ = K⁻¹ (U_Gᵀy − Tᵀu − r₃),   u = R⁻¹(U_Aᵀy − r₂)
+    z₂ = R⁻ᵀ (u − T z₃),           z₁ = L⁻ᵀ v,   v = y − U_A z₂ − U_G z₃,   G z₁ = U_Gᵀ v.
+
+(Row 3, ``G z₁ − W z₃ = r₃``, holds by construction of ``K``; rows 1 and 2 by that of ``z₁``
+and ``z₂``.) ``z₁ = Q⁻¹(…)`` needs ``Q`` well conditioned: :func:`reduce_qp_kkt` returns
+``None`` when it is not, or when ``A``'s rows are (nearly) dependent, and the caller uses the
+other order. Failed samples are flagged in ``ok``, as there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from implicit_layers.linalg.kkt import _mv, _tri
+
+# smallest ratio min/max of a Cholesky factor's diagonal for which Q (or A Q⁻¹ Aᵀ) counts
+# as well conditioned enough to eliminate through: cond ≳ ratio⁻², i.e. about 1e8 in float64
+_MIN_PIVOT_RATIO = {torch.float64: 1e-4, torch.float32: 1e-2}
+
+
+def _well_conditioned(L: Tensor, info: Tensor) -> bool:
+    if L.shape[-1] == 0:
+        return True
+    d = L.diagonal(dim1=-2, dim2=-1)
+    ratio = d.amin(-1) / d.amax(-1)
+    return bool(((info == 0) & torch.isfinite(ratio) & (ratio > _MIN_PIVOT_RATIO[L.dtype])).all())
+
+
+@dataclass
+class ReducedQPKKT:
+    """The ``W``-independent part of the reduced system for a batch ``(B,)``: ``L (B,n,n)``,
+    ``U (B,p+m,n)`` = ``[A; G] L⁻ᵀ`` (the rows of ``[U_A U_G]ᵀ``), ``R (B,p,p)``, ``T (B,p,m)``
+    and ``P (B,m,m)`` (only its lower triangle is used)."""
+
+    L: Tensor
+    U: Tensor
+    R: Tensor
+    T: Tensor
+    P: Tensor
+
+    def select(self, idx: Tensor | None) -> ReducedQPKKT:
+        if idx is None:
+            return self
+        return ReducedQPKKT(*(t.index_select(0, idx) for t in self._fields()))
+
+    def factor(self, Winv: Tensor, reg: float, idx: Tensor | None = None) -> ReducedQPKKTFactor:
+        """Factor ``K`` for ``W⁻¹ (B', m)`` on the samples ``idx`` (all when ``None``)."""
+        base = self.select(idx)
+        w = Winv.clamp_min(torch.finfo(Winv.dtype).tiny).reciprocal()
+        K = base.P.clone()
+        K.diagonal(dim1=-2, dim2=-1).add_(w + reg)
+        LK, info = torch.linalg.cholesky_ex(K)
+        ok = (info == 0) & torch.isfinite(LK.diagonal(dim1=-2, dim2=-1)).all(-1)
+        return ReducedQPKKTFactor(base, LK, Winv, ok)
+
+    def _fields(self) -> tuple[Tensor, ...]:
+        return (self.L, self.U, self.R, self.T, self.P)
+
+
+def reduce_qp_kkt(Q: Tensor, A: Tensor, G: Tensor) -> ReducedQPKKT | None:
+    """The reduced system of ``Q (B,n,n)``, ``A (B,p,n)``, ``G (B,m,n)``, or ``None`` when
+    ``Q`` or ``A Q⁻¹ Aᵀ`` is not positive definite and well conditioned for every sample."""
+    p = A.shape[-2]
+    L, info = torch.linalg.cholesky_ex(Q)
+    if not _well_conditioned(L, info):
+        return None
+    U = torch.linalg.solve_triangular(L.mT, torch.cat([A, G], dim=-2), upper=True, left=False)
+    gram = U @ U.mT  # [[AQ⁻¹Aᵀ, AQ⁻¹Gᵀ], [GQ⁻¹Aᵀ, GQ⁻¹Gᵀ]]
+    if p == 0:
+        return ReducedQPKKT(L, U, Q.new_zeros(Q.shape[0], 0, 0), gram[..., :0, :], gram)
+    R, info = torch.linalg.cholesky_ex(gram[..., :p, :p])
+    if not _well_conditioned(R, info):
+        return None
+    T = _tri(R, gram[..., :p, p:])
+    return ReducedQPKKT(L, U, R, T, torch.baddbmm(gram[..., p:, p:], T.mT, T, alpha=-1))
+
+
+@dataclass
+class ReducedQPKKTFactor:
+    """A factorization of ``M`` in the reduced order; same interface as
+    :class:`~implicit_layers.linalg.kkt.QPKKTFactor`."""
+
+    base: ReducedQPKKT
+    LK: Tensor
+    Winv: Tensor
+    ok: Tensor
+
+    def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Solve ``M z = r`` for right-hand sides ``(..., B, k)`` (extra dims broadcast)."""
+        return self.solve_and_product(r1, r2, r3)[:3]
+
+    def solve_and_product(self, r1: Tensor | None, r2: Tensor | None, r3: Tensor) -> tuple[Tensor, ...]:
+        """``(z₁, z₂, z₃, G z₁)``; see the module docstring. ``r₁ = r₂ = None`` stand for zeros."""
+        b, p = self.base, self.base.R.shape[-1]
+        rhs3 = -r3
+        if r1 is not None:
+            y = _tri(b.L, r1.unsqueeze(-1)).squeeze(-1)
+            Uy = _mv(b.U, y)
+            rhs3 = rhs3 + Uy[..., p:]
+            u = _tri(b.R, (Uy[..., :p] - r2).unsqueeze(-1)).squeeze(-1) if p > 0 else None
+        else:
+            u = None
+        if u is not None:
+            rhs3 = rhs3 - _mv(b.T.mT, u)
+        z3 = _tri(self.LK, _tri(self.LK, rhs3.unsqueeze(-1)), transpose=True).squeeze(-1)
+        if p > 0:
+            t = -_mv(b.T, z3) if u is None else u - _mv(b.T, z3)
+            z2 = _tri(b.R, t.unsqueeze(-1), transpose=True).squeeze(-1)
+            z23 = torch.cat([z2, z3], dim=-1)
+        else:
+            z2, z23 = z3[..., :0], z3
+        v = -_mv(b.U.mT, z23) if r1 is None else y - _mv(b.U.mT, z23)
+        z1 = _tri(b.L, v.unsqueeze(-1), transpose=True).squeeze(-1)
+        out = (z1, z2, z3, _mv(b.U, v)[..., p:])
+        if bool(self.ok.all()):
+            return out
+        keep = self.ok.unsqueeze(-1)
+        zero = torch.zeros((), dtype=z1.dtype, device=z1.device)
+        return tuple(torch.where(keep, t, zero) for t in out)
+
+    @classmethod
+    def identity(cls, base: ReducedQPKKT) -> ReducedQPKKTFactor:
+        """Placeholder factors (``ok = False``) for the whole batch, to be filled by :meth:`put_`."""
+        B, m = base.P.shape[0], base.P.shape[-1]
+        eye = torch.eye(m, dtype=base.P.dtype, device=base.P.device).repeat(B, 1, 1)
+        return cls(base, eye, base.P.new_ones(B, m), torch.zeros(B, dtype=torch.bool, device=eye.device))
+
+    def select(self, idx: Tensor) -> ReducedQPKKTFactor:
+        return ReducedQPKKTFactor(self.base.select(idx), *(t.index_select(0, idx) for t in self._varying()))
+
+    def put_(self, idx: Tensor, other: ReducedQPKKTFactor, src: Tensor | None = None) -> None:
+        """Overwrite samples ``idx`` with ``other``'s factors (its samples ``src``, default all);
+        ``other`` must share this factor's ``base``."""
+        for mine, theirs in zip(self._varying(), other._varying(), strict=True):
+            mine.index_copy_(0, idx, theirs if src is None else theirs.index_select(0, src))
+
+    def repeat(self, k: int) -> ReducedQPKKTFactor:
+        """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""
+        rep = lambda t: t.repeat(k, *([1] * (t.ndim - 1)))  # noqa: E731
+        return ReducedQPKKTFactor(ReducedQPKKT(*(rep(t) for t in self.base._fields())),
+                                  *(rep(t) for t in self._varying()))
+
+    def _varying(self) -> tuple[Tensor, ...]:
+        return (self.LK, self.Winv, self.ok)
