@@ -60,20 +60,17 @@ class ReducedQPKKT:
     T: Tensor
     P: Tensor
 
-    def select(self, idx: Tensor | None) -> ReducedQPKKT:
-        if idx is None:
-            return self
+    def select(self, idx: Tensor) -> ReducedQPKKT:
         return ReducedQPKKT(*(t.index_select(0, idx) for t in self._fields()))
 
-    def factor(self, Winv: Tensor, reg: float, idx: Tensor | None = None) -> ReducedQPKKTFactor:
-        """Factor ``K`` for ``W⁻¹ (B', m)`` on the samples ``idx`` (all when ``None``)."""
-        base = self.select(idx)
+    def factor(self, Winv: Tensor, reg: float) -> ReducedQPKKTFactor:
+        """Factor ``K = P + W + δI`` for ``W⁻¹ (B, m)``."""
         w = Winv.clamp_min(torch.finfo(Winv.dtype).tiny).reciprocal()
-        K = base.P.clone()
+        K = self.P.clone()
         K.diagonal(dim1=-2, dim2=-1).add_(w + reg)
         LK, info = torch.linalg.cholesky_ex(K)
         ok = (info == 0) & torch.isfinite(LK.diagonal(dim1=-2, dim2=-1)).all(-1)
-        return ReducedQPKKTFactor(base, LK, Winv, ok)
+        return ReducedQPKKTFactor(self, LK, Winv, ok, reg)
 
     def _fields(self) -> tuple[Tensor, ...]:
         return (self.L, self.U, self.R, self.T, self.P)
@@ -100,40 +97,45 @@ def reduce_qp_kkt(Q: Tensor, A: Tensor, G: Tensor) -> ReducedQPKKT | None:
 @dataclass
 class ReducedQPKKTFactor:
     """A factorization of ``M`` in the reduced order; same interface as
-    :class:`~implicit_layers.linalg.kkt.QPKKTFactor`."""
+    :class:`~implicit_layers.linalg.kkt.QPKKTFactor`, except that :meth:`solve_and_product`
+    works in the whitened coordinates ``x̃ = Lᵀx`` in which an interior point iterates
+    (see :mod:`implicit_layers.solvers.qp_data`): there ``Q = I`` and ``[A; G] = U``."""
 
     base: ReducedQPKKT
     LK: Tensor
     Winv: Tensor
     ok: Tensor
+    reg: float = 0.0
 
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Solve ``M z = r`` for right-hand sides ``(..., B, k)`` (extra dims broadcast)."""
-        return self.solve_and_product(r1, r2, r3)[:3]
+        L = self.base.L
+        z1, z2, z3, _ = self.solve_and_product(_tri(L, r1.unsqueeze(-1)).squeeze(-1), r2, r3)
+        return _tri(L, z1.unsqueeze(-1), transpose=True).squeeze(-1), z2, z3
 
     def solve_and_product(self, r1: Tensor | None, r2: Tensor | None, r3: Tensor) -> tuple[Tensor, ...]:
-        """``(z₁, z₂, z₃, G z₁)``; see the module docstring. ``r₁ = r₂ = None`` stand for zeros."""
+        """``(z̃₁, z₂, z₃, G z₁)`` for the whitened right-hand side ``(L⁻¹r₁, r₂, r₃)``, ``z₁ = L⁻ᵀz̃₁``
+        (module docstring with ``y = r₁``); ``r₁ = r₂ = None`` stand for zeros. Row 3 of ``M``
+        gives the product for free: ``G z₁ = r₃ + (w + δ) z₃`` exactly for the regularized K."""
         b, p = self.base, self.base.R.shape[-1]
-        rhs3 = -r3
+        rhs3, u = -r3, None
         if r1 is not None:
-            y = _tri(b.L, r1.unsqueeze(-1)).squeeze(-1)
-            Uy = _mv(b.U, y)
+            Uy = _mv(b.U, r1)
             rhs3 = rhs3 + Uy[..., p:]
-            u = _tri(b.R, (Uy[..., :p] - r2).unsqueeze(-1)).squeeze(-1) if p > 0 else None
-        else:
-            u = None
-        if u is not None:
-            rhs3 = rhs3 - _mv(b.T.mT, u)
+            if p > 0:
+                u = _tri(b.R, (Uy[..., :p] - r2).unsqueeze(-1)).squeeze(-1)
+                rhs3 = rhs3 - _mv(b.T.mT, u)
         z3 = _tri(self.LK, _tri(self.LK, rhs3.unsqueeze(-1)), transpose=True).squeeze(-1)
         if p > 0:
             t = -_mv(b.T, z3) if u is None else u - _mv(b.T, z3)
             z2 = _tri(b.R, t.unsqueeze(-1), transpose=True).squeeze(-1)
-            z23 = torch.cat([z2, z3], dim=-1)
+            z1 = -_mv(b.U.mT, torch.cat([z2, z3], dim=-1))
         else:
-            z2, z23 = z3[..., :0], z3
-        v = -_mv(b.U.mT, z23) if r1 is None else y - _mv(b.U.mT, z23)
-        z1 = _tri(b.L, v.unsqueeze(-1), transpose=True).squeeze(-1)
-        out = (z1, z2, z3, _mv(b.U, v)[..., p:])
+            z2, z1 = z3[..., :0], -_mv(b.U.mT, z3)
+        if r1 is not None:
+            z1 = z1 + r1
+        w = self.Winv.clamp_min(torch.finfo(self.Winv.dtype).tiny).reciprocal()
+        out = (z1, z2, z3, r3 + (w + self.reg) * z3)
         if bool(self.ok.all()):
             return out
         keep = self.ok.unsqueeze(-1)
@@ -141,14 +143,15 @@ class ReducedQPKKTFactor:
         return tuple(torch.where(keep, t, zero) for t in out)
 
     @classmethod
-    def identity(cls, base: ReducedQPKKT) -> ReducedQPKKTFactor:
+    def identity(cls, base: ReducedQPKKT, reg: float = 0.0) -> ReducedQPKKTFactor:
         """Placeholder factors (``ok = False``) for the whole batch, to be filled by :meth:`put_`."""
         B, m = base.P.shape[0], base.P.shape[-1]
         eye = torch.eye(m, dtype=base.P.dtype, device=base.P.device).repeat(B, 1, 1)
-        return cls(base, eye, base.P.new_ones(B, m), torch.zeros(B, dtype=torch.bool, device=eye.device))
+        return cls(base, eye, base.P.new_ones(B, m), torch.zeros(B, dtype=torch.bool, device=eye.device), reg)
 
     def select(self, idx: Tensor) -> ReducedQPKKTFactor:
-        return ReducedQPKKTFactor(self.base.select(idx), *(t.index_select(0, idx) for t in self._varying()))
+        return ReducedQPKKTFactor(self.base.select(idx), *(t.index_select(0, idx) for t in self._varying()),
+                                  self.reg)
 
     def put_(self, idx: Tensor, other: ReducedQPKKTFactor, src: Tensor | None = None) -> None:
         """Overwrite samples ``idx`` with ``other``'s factors (its samples ``src``, default all);
@@ -160,7 +163,7 @@ class ReducedQPKKTFactor:
         """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""
         rep = lambda t: t.repeat(k, *([1] * (t.ndim - 1)))  # noqa: E731
         return ReducedQPKKTFactor(ReducedQPKKT(*(rep(t) for t in self.base._fields())),
-                                  *(rep(t) for t in self._varying()))
+                                  *(rep(t) for t in self._varying()), self.reg)
 
     def _varying(self) -> tuple[Tensor, ...]:
         return (self.LK, self.Winv, self.ok)

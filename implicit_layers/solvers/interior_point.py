@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.stats import SolverStats
-from implicit_layers.linalg.kkt import QPKKTFactor, _mv, factor_qp_kkt
-from implicit_layers.linalg.kkt_reduced import ReducedQPKKTFactor, reduce_qp_kkt
+from implicit_layers.linalg.kkt import QPKKTFactor, _mv
+from implicit_layers.solvers.qp_data import WhitenedData, _inf, qp_data
 
 RUNNING = -1
 
@@ -74,11 +74,6 @@ class QPSolution:
     status: Tensor
     stats: SolverStats
     factor: QPKKTFactor | None = None
-
-
-def _inf(t: Tensor) -> Tensor:
-    """Per-sample ∞-norm over the last dim (0 for empty dims)."""
-    return t.abs().amax(-1) if t.shape[-1] > 0 else t.new_zeros(t.shape[:-1])
 
 
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -144,99 +139,89 @@ class InteriorPoint:
         """Solve a flat batch: ``Q (B,n,n)``, ``c (B,n)``, ``A (B,p,n)``, ``b (B,p)``,
         ``G (B,m,n)``, ``h (B,m)`` (``p = 0`` for no equalities)."""
         tol, reg, inf_tol = self._defaults(Q.dtype)
-        # steps keep s/μ ≥ 1e-10 (float32: √ε) so that the Cholesky factorization of H succeeds
+        # steps keep s/μ ≥ 1e-10 (float32: √ε) so that the Cholesky factorizations succeed
         cap = 1e10 if Q.dtype == torch.float64 else torch.finfo(Q.dtype).eps ** -0.5
-        B = Q.shape[0]
-        data = (Q, c, A, b, G, h)
-        scale = 1 + torch.stack([_inf(t.flatten(1)) for t in (Q, A, G)]).amax(0)  # for certificates
-        reduced = reduce_qp_kkt(Q, A, G) if self._use_dual(Q, A, G) else None
-        floor = self.floor if self.floor is not None or reduced is not None else (
+        B, p = Q.shape[0], A.shape[-2]
+        data = qp_data(Q, c, A, b, G, h, whiten=self._use_dual(Q, A, G))
+        floor = self.floor if self.floor is not None or isinstance(data, WhitenedData) else (
             1e-8 if Q.dtype == torch.float64 else 1e-4)
-
-        def factor(Winv, idx=None):
-            if reduced is not None:
-                return reduced.factor(Winv, reg, idx)
-            pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
-            return factor_qp_kkt(pick(Q), pick(A), pick(G), Winv, reg)
-
-        x, lam, mu, s = self._initial_point(factor(torch.ones_like(h)), c, b, h)
+        x, y, s = self._initial_point(data.factor(torch.ones_like(h), reg), data)
         status = torch.full((B,), RUNNING, dtype=torch.int64, device=Q.device)
         iters = torch.zeros(B, dtype=torch.int64, device=Q.device)
         residual = torch.full((B,), float("inf"), dtype=Q.dtype, device=Q.device)
-        final = ReducedQPKKTFactor.identity(reduced) if reduced is not None else QPKKTFactor.identity(Q, A, G)
+        final = data.placeholder()
         for k in range(self.max_iter + 1):
             idx = (status == RUNNING).nonzero().squeeze(-1)
             if idx.numel() == 0:
                 break
             everyone = idx.numel() == B
-
-            def pick(t, idx=idx, everyone=everyone):
-                return t if everyone else t.index_select(0, idx)
-
-            sub = [pick(t) for t in (*data, x, lam, mu, s)]
-            (r_d, r_e, r_i), res, products = self._residuals(*sub)
-            new = self._classify(sub, res, products, pick(scale), tol, inf_tol, last=k == self.max_iter)
+            sub = data if everyone else data.select(idx)
+            xk, yk, sk = (t if everyone else t.index_select(0, idx) for t in (x, y, s))
+            (r_d, r_p), res, products = self._residuals(sub, xk, yk, sk)
+            new = self._classify(sub, xk, yk, sk, res, products, tol, inf_tol, last=k == self.max_iter)
             if everyone:
                 status.copy_(new), iters.fill_(k), residual.copy_(res)
             else:
                 status[idx], iters[idx], residual[idx] = new, k, res
             stop = new != RUNNING
-            _, _, _, _, _, _, _, _, mu_k, s_k = sub
-            fac = factor((mu_k / s_k).clamp_max(cap), None if everyone else idx)
+            mu_k = yk[..., p:]
+            fac = sub.factor((mu_k / sk).clamp_max(cap), reg)
             if bool(stop.any()):  # the factorization the backward and JVP will reuse
                 j = stop.nonzero().squeeze(-1)
-                if floor is None:  # the reduced order: this very factorization
+                if floor is None:  # this very factorization
                     final.put_(idx[j], fac, src=j)
                 else:
-                    mj, sj = mu_k.index_select(0, j), s_k.index_select(0, j)
-                    final.put_(idx[j], factor((mj / sj).clamp_max(1 / floor), idx[j]))
+                    mj, sj = mu_k.index_select(0, j), sk.index_select(0, j)
+                    final.put_(idx[j], data.select(idx[j]).factor((mj / sj).clamp_max(1 / floor), reg))
                 if bool(stop.all()):
                     continue
-            dx, dl, dm, ds, alpha = self._step(fac, r_d, r_e, r_i, res, s_k, mu_k)
+            dx, dy, ds, alpha = self._step(fac, r_d, r_p, res, sk, yk, p)
             status[idx[~fac.ok & ~stop]] = QPStatus.NUMERICAL
             move = (fac.ok & ~stop)[:, None]  # samples that stopped keep their point exactly
-            for state, d in ((x, dx), (lam, dl), (mu, dm), (s, ds)):
+            for state, d in ((x, dx), (y, dy), (s, ds)):
                 step = torch.where(move, alpha[:, None] * d, 0.0)
                 state.add_(step) if everyone else state.index_add_(0, idx, step)
         solved = status == QPStatus.SOLVED
         final.ok &= solved
         stats = SolverStats(self.name, iters, residual, solved, evaluations=int(iters.max()) + 1)
         stats.extra["status"] = status
-        return QPSolution(x, lam, mu, s, status, stats, final)
+        return QPSolution(data.to_original(x), y[..., :p], y[..., p:], s, status, stats, final)
 
     @staticmethod
-    def _residuals(Q, c, A, b, G, h, x, lam, mu, s):
-        """KKT residuals, the scaled stopping measure, and the products the certificates reuse."""
-        Qx, Ax, Gx = _mv(Q, x), _mv(A, x), _mv(G, x)
-        dual = _mv(A.mT, lam) + _mv(G.mT, mu)
-        r_d, r_e, r_i = Qx + c + dual, Ax - b, Gx + s - h
-        gap = (s * mu).sum(-1) / max(mu.shape[-1], 1)
-        obj = 0.5 * (x * Qx).sum(-1) + (c * x).sum(-1)
+    def _residuals(data, x, y, s):
+        """KKT residuals ``r_d = Qx + c + Cᵀy`` and ``r_p = Cx − d + [0; s]``, the scaled
+        stopping measure, and the products ``(Qx, Cx, Cᵀy)`` the certificates reuse."""
+        Qx, Cx, Cty = data.products(x, y)
+        p, m = data.p, s.shape[-1]
+        r_d = Qx + data.c + Cty
+        r_p = Cx - data.d
+        r_p[..., p:] += s
+        gap = (s * y[..., p:]).sum(-1) / max(m, 1)
+        obj = 0.5 * (x * Qx).sum(-1) + (data.c * x).sum(-1)
         res = torch.stack([
-            torch.maximum(_inf(r_e), _inf(r_i)) / (1 + torch.maximum(_inf(b), _inf(h))),
-            _inf(r_d) / (1 + _inf(c)),
+            _inf(r_p) / (1 + _inf(data.d)),
+            _inf(data.dual_residual(r_d)) / (1 + data.c_norm),
             gap / (1 + obj.abs()),
         ]).amax(0)
-        return (r_d, r_e, r_i), res, (Qx, Ax, Gx, dual)
+        return (r_d, r_p), res, (Qx, Cx, Cty)
 
-    def _classify(self, sub, res, products, scale, tol, inf_tol, last: bool) -> Tensor:
+    def _classify(self, data, x, y, s, res, products, tol, inf_tol, last: bool) -> Tensor:
         """The new status of each running sample (``RUNNING`` if it goes on)."""
-        Q, c, A, b, G, h, x, lam, mu, s = sub
-        Qx, Ax, Gx, dual = products
+        Qx, Cx, Cty = products
+        p, c, d, scale = data.p, data.c, data.d, data.scale
         new = torch.full(res.shape, RUNNING, dtype=torch.int64, device=res.device)
-        # unbounded: x/‖x‖∞ → d with Qd ≈ 0, Ad ≈ 0, Gd ≲ 0, cᵀd < 0
+        # unbounded: x/‖x‖∞ → ray r with Qr ≈ 0, Ar ≈ 0, Gr ≲ 0, cᵀr < 0
         nx = _inf(x).clamp_min(torch.finfo(x.dtype).tiny)
-        flat = torch.stack([_inf(Qx), _inf(Ax), _inf(Gx.clamp_min(0))]).amax(0) <= inf_tol * scale * nx
-        unbounded = flat & ((c * x).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(c)) * nx)
+        flat = torch.stack([_inf(Qx), _inf(Cx[..., :p]), _inf(Cx[..., p:].clamp_min(0))]).amax(0)
+        unbounded = (flat <= inf_tol * scale * nx) & ((c * x).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(c)) * nx)
         new = torch.where(unbounded, QPStatus.UNBOUNDED, new)
-        # infeasible (Farkas): (λ, μ)/ν → (y, z), z ≥ 0, Aᵀy + Gᵀz ≈ 0, bᵀy + hᵀz < 0
-        nu = torch.maximum(_inf(lam), _inf(mu)).clamp_min(torch.finfo(mu.dtype).tiny)
-        value = (b * lam).sum(-1) + (h * mu).sum(-1)
-        infeasible = (_inf(dual) <= inf_tol * scale * nu) & (
-            value < -inf_tol ** 0.5 * (1 + torch.maximum(_inf(b), _inf(h))) * nu)
+        # infeasible (Farkas): (λ, μ)/ν → certificate z with z_G ≥ 0, Cᵀz ≈ 0, dᵀz < 0
+        nu = _inf(y).clamp_min(torch.finfo(y.dtype).tiny)
+        infeasible = (_inf(Cty) <= inf_tol * scale * nu) & (
+            (d * y).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(d)) * nu)
         new = torch.where(infeasible, QPStatus.INFEASIBLE, new)
         new = torch.where(res <= tol, QPStatus.SOLVED, new)
-        finite = torch.isfinite(x.sum(-1) + lam.sum(-1) + mu.sum(-1) + s.sum(-1) + res)
+        finite = torch.isfinite(x.sum(-1) + y.sum(-1) + s.sum(-1) + res)
         new = torch.where(finite, new, QPStatus.NUMERICAL)
         return torch.where(new == RUNNING, QPStatus.MAX_ITER, new) if last else new
 
@@ -257,15 +242,15 @@ class InteriorPoint:
         return G, torch.where(ok, s, one) / torch.where(ok, mu, one), None
 
     @staticmethod
-    def _step(fac, r_d, r_e, r_i, res, s, mu):
-        """One Mehrotra predictor-corrector direction ``(dx, dλ, dμ, ds)`` and step length.
+    def _step(fac, r_d, r_p, res, s, y, p: int):
+        """One Mehrotra predictor-corrector direction ``(dx, dy, ds)`` and step length.
 
         Both directions solve the Newton system with right-hand side
         ``(−r_d, −r_e, −r_i + r_c/μ)``, where ``Z ds + S dμ = −r_c`` and ``G dx + ds = −r_i``
         (hence ``G dx − (s/μ) dμ = −r_i + r_c/μ``). They differ only in ``r_c``, so the
         corrector is the predictor plus one solve with ``(0, 0, Δr_c/μ)``.
         """
-        m = s.shape[-1]
+        m, mu, r_e, r_i = s.shape[-1], y[..., p:], r_p[..., :p], r_p[..., p:]
         dx, dl, dm, Gdx = fac.solve_and_product(-r_d, -r_e, s - r_i)  # predictor: r_c = s∘μ
         ds = -r_i - Gdx
         a_aff = torch.minimum(_max_step(s, ds), _max_step(mu, dm))
@@ -273,19 +258,20 @@ class InteriorPoint:
         tau_aff = ((s + a_aff[:, None] * ds) * (mu + a_aff[:, None] * dm)).sum(-1) / max(m, 1)
         sigma = (tau_aff / tau.clamp_min(torch.finfo(s.dtype).tiny)).clamp(0, 1) ** 3
         cx, cl, cm, Gcx = fac.solve_and_product(None, None, (ds * dm - (sigma * tau)[:, None]) / mu)
-        dx, dl, dm, ds = dx + cx, dl + cl, dm + cm, ds - Gcx
+        dx, dm, ds = dx + cx, dm + cm, ds - Gcx
         eta = 1 - res.clamp(max=0.01)
         alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(mu, dm))).clamp(max=1.0)
-        return dx, dl, dm, ds, alpha
+        return dx, torch.cat([dl + cl, dm], dim=-1), ds, alpha
 
     @staticmethod
-    def _initial_point(fac, c, b, h):
+    def _initial_point(fac, data):
         """Solve the KKT system with ``W = I`` (``fac``), then shift ``s`` and ``μ`` into the interior."""
-        x, lam, z = fac.solve(-c, b, h)  # G x − z = h ⇒ z = Gx − h = −(slack)
-        s = -z
+        p = data.p
+        x, lam, z, _ = fac.solve_and_product(-data.c, data.d[..., :p], data.d[..., p:])
+        s = -z  # G x − z = h ⇒ z = Gx − h = −(slack)
 
         def shift(v):
             worst = -v.amin(-1, keepdim=True) if v.shape[-1] > 0 else v.new_zeros(v.shape[0], 1)
             return torch.where(worst >= 0, v + 1 + worst, v)
 
-        return x, lam, shift(z.clone()), shift(s)
+        return x, torch.cat([lam, shift(z)], dim=-1), shift(s)

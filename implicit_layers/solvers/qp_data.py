@@ -1,0 +1,108 @@
+"""A batch of QPs as the interior point iterates on it: in the original coordinates, or in
+whitened ones when ``Q`` is positive definite.
+
+    min_x ½ xᵀQx + cᵀx   s.t.  C x ⋚ d,   C = [A; G],  d = [b; h]   (first p rows equalities)
+
+:class:`PrimalData` keeps ``x``; its Newton systems are factored as ``Q + GᵀW⁻¹G``
+(:mod:`implicit_layers.linalg.kkt`). :class:`WhitenedData` substitutes ``x = L⁻ᵀx̃`` with
+``Q = LLᵀ``: the problem becomes ``min ½‖x̃‖² + (L⁻¹c)ᵀx̃ s.t. (C L⁻ᵀ) x̃ ⋚ d``, so ``Q`` drops
+out of every product, and its systems are factored in the reduced order of
+:mod:`implicit_layers.linalg.kkt_reduced`, whose ``U = C L⁻ᵀ`` is the whitened constraint
+matrix itself. Objective, constraint values, multipliers and slacks are the same in both
+coordinates; only the dual residual changes, ``r_d = L r̃_d``, and the stopping test measures
+it in the original coordinates.
+
+Both expose the same interface to the solver: ``select``, ``products``, ``dual_residual``,
+``factor``, ``placeholder``, ``to_original`` and the per-sample ``c_norm`` and ``scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from implicit_layers.linalg.kkt import QPKKTFactor, _mv, _tri, factor_qp_kkt
+from implicit_layers.linalg.kkt_reduced import ReducedQPKKT, ReducedQPKKTFactor, reduce_qp_kkt
+
+
+def _inf(t: Tensor) -> Tensor:
+    """Per-sample ∞-norm over the last dim (0 for empty dims)."""
+    return t.abs().amax(-1) if t.shape[-1] > 0 else t.new_zeros(t.shape[:-1])
+
+
+@dataclass
+class _Common:
+    c: Tensor       # (B, n) in the iteration's coordinates
+    d: Tensor       # (B, p+m)
+    p: int
+    c_norm: Tensor  # (B,) ‖c‖∞ in the original coordinates (stopping test)
+    scale: Tensor   # (B,) 1 + the largest |entry| of Q, C (infeasibility certificates)
+
+    def _pick(self, idx: Tensor) -> dict:
+        return {"c": self.c.index_select(0, idx), "d": self.d.index_select(0, idx), "p": self.p,
+                "c_norm": self.c_norm.index_select(0, idx), "scale": self.scale.index_select(0, idx)}
+
+
+@dataclass
+class PrimalData(_Common):
+    Q: Tensor = None  # (B, n, n)
+    C: Tensor = None  # (B, p+m, n)
+
+    def select(self, idx: Tensor) -> PrimalData:
+        return PrimalData(**self._pick(idx), Q=self.Q.index_select(0, idx), C=self.C.index_select(0, idx))
+
+    def products(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Qx, Cx, Cᵀy)``."""
+        return _mv(self.Q, x), _mv(self.C, x), _mv(self.C.mT, y)
+
+    def dual_residual(self, r: Tensor) -> Tensor:
+        return r
+
+    def factor(self, Winv: Tensor, reg: float) -> QPKKTFactor:
+        return factor_qp_kkt(self.Q, self.C[..., :self.p, :], self.C[..., self.p:, :], Winv, reg)
+
+    def placeholder(self) -> QPKKTFactor:
+        return QPKKTFactor.identity(self.Q, self.C[..., :self.p, :], self.C[..., self.p:, :])
+
+    def to_original(self, x: Tensor) -> Tensor:
+        return x
+
+
+@dataclass
+class WhitenedData(_Common):
+    system: ReducedQPKKT = None  # its L (Q = LLᵀ) and U = C L⁻ᵀ define the coordinates
+
+    def select(self, idx: Tensor) -> WhitenedData:
+        return WhitenedData(**self._pick(idx), system=self.system.select(idx))
+
+    def products(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Q̃x̃, C̃x̃, C̃ᵀy)`` with ``Q̃ = I``, ``C̃ = U``."""
+        return x, _mv(self.system.U, x), _mv(self.system.U.mT, y)
+
+    def dual_residual(self, r: Tensor) -> Tensor:
+        """``r_d = L r̃_d`` (``L`` is stored with zeros above the diagonal)."""
+        return _mv(self.system.L, r)
+
+    def factor(self, Winv: Tensor, reg: float) -> ReducedQPKKTFactor:
+        return self.system.factor(Winv, reg)
+
+    def placeholder(self) -> ReducedQPKKTFactor:
+        return ReducedQPKKTFactor.identity(self.system)
+
+    def to_original(self, x: Tensor) -> Tensor:
+        return _tri(self.system.L, x.unsqueeze(-1), transpose=True).squeeze(-1)
+
+
+def qp_data(Q, c, A, b, G, h, whiten: bool) -> PrimalData | WhitenedData:
+    """The iteration's view of a flat batch; whitened if asked for and ``Q`` (and
+    ``A Q⁻¹ Aᵀ``) are positive definite and well conditioned for every sample."""
+    d, p = torch.cat([b, h], dim=-1), A.shape[-2]
+    common = {"d": d, "p": p, "c_norm": _inf(c),
+              "scale": 1 + torch.stack([_inf(t.flatten(1)) for t in (Q, A, G)]).amax(0)}
+    system = reduce_qp_kkt(Q, A, G) if whiten and G.shape[-2] > 0 else None
+    if system is None:
+        return PrimalData(c=c, **common, Q=Q, C=torch.cat([A, G], dim=-2))
+    common["scale"] = 1 + _inf(system.U.flatten(1)).clamp_min(1)  # of Q̃ = I and C̃ = U
+    return WhitenedData(c=_tri(system.L, c.unsqueeze(-1)).squeeze(-1), **common, system=system)
