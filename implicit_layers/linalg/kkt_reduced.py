@@ -15,15 +15,17 @@ left for ``z₃`` is
 ``P`` does not depend on ``W``: an interior point computes it once per problem and then pays
 one ``m × m`` Cholesky factorization per iteration, where the other order forms
 ``Q + GᵀW⁻¹G`` (``2n²m`` flops) and factors ``n × n`` and ``p × p`` matrices every time.
-Solving ``M z = r`` (``y = L⁻¹r₁``):
+Solving ``M z = r`` in the whitened coordinates ``z̃₁ = Lᵀz₁``, ``r̃₁ = L⁻¹r₁`` (the rows of
+``U = [A; G] L⁻ᵀ`` are ``[U_Aᵀ; U_Gᵀ]``, and the first block row becomes ``z̃₁ + Uᵀ[z₂; z₃] = r̃₁``):
 
-    z₃ = K⁻¹ (U_Gᵀy − Tᵀu − r₃),   u = R⁻¹(U_Aᵀy − r₂)
-    z₂ = R⁻ᵀ (u − T z₃),           z₁ = L⁻ᵀ v,   v = y − U_A z₂ − U_G z₃,   G z₁ = U_Gᵀ v.
+    z₃ = K⁻¹ (U_Gᵀr̃₁ − Tᵀu − r₃),   u = R⁻¹(U_Aᵀr̃₁ − r₂)
+    z₂ = R⁻ᵀ (u − T z₃),            z̃₁ = r̃₁ − U_A z₂ − U_G z₃,
 
-(Row 3, ``G z₁ − W z₃ = r₃``, holds by construction of ``K``; rows 1 and 2 by that of ``z₁``
-and ``z₂``.) ``z₁ = Q⁻¹(…)`` needs ``Q`` well conditioned: :func:`reduce_qp_kkt` returns
-``None`` when it is not, or when ``A``'s rows are (nearly) dependent, and the caller uses the
-other order. Failed samples are flagged in ``ok``, as there.
+and ``G z₁ = U_Gᵀ z̃₁ = r₃ + (w + δ)∘z₃`` (row 3, exact for the regularized ``K``) comes free.
+(Row 2, ``U_Aᵀz̃₁ = r₂``, holds by construction of ``z₂``; row 3 by that of ``K``.) Going back,
+``z₁ = L⁻ᵀz̃₁``, needs ``Q`` well conditioned: :func:`reduce_qp_kkt` returns ``None`` when it
+is not, or when ``A``'s rows are (nearly) dependent, and the caller uses the other order.
+Failed samples are flagged in ``ok``, as there.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from implicit_layers.linalg.kkt import _mv, _tri
+from implicit_layers.linalg.kkt import _mv, _tri, cholesky_lower
 
 # smallest ratio min/max of a Cholesky factor's diagonal for which Q (or A Q⁻¹ Aᵀ) counts
 # as well conditioned enough to eliminate through: cond ≳ ratio⁻², i.e. about 1e8 in float64
@@ -68,7 +70,7 @@ class ReducedQPKKT:
         w = Winv.clamp_min(torch.finfo(Winv.dtype).tiny).reciprocal()
         K = self.P.clone()
         K.diagonal(dim1=-2, dim2=-1).add_(w + reg)
-        LK, info = torch.linalg.cholesky_ex(K)
+        LK, info = cholesky_lower(K)
         ok = (info == 0) & torch.isfinite(LK.diagonal(dim1=-2, dim2=-1)).all(-1)
         return ReducedQPKKTFactor(self, LK, Winv, ok, reg)
 
@@ -80,14 +82,14 @@ def reduce_qp_kkt(Q: Tensor, A: Tensor, G: Tensor) -> ReducedQPKKT | None:
     """The reduced system of ``Q (B,n,n)``, ``A (B,p,n)``, ``G (B,m,n)``, or ``None`` when
     ``Q`` or ``A Q⁻¹ Aᵀ`` is not positive definite and well conditioned for every sample."""
     p = A.shape[-2]
-    L, info = torch.linalg.cholesky_ex(Q)
+    L, info = cholesky_lower(Q)
     if not _well_conditioned(L, info):
         return None
     U = torch.linalg.solve_triangular(L.mT, torch.cat([A, G], dim=-2), upper=True, left=False)
     gram = U @ U.mT  # [[AQ⁻¹Aᵀ, AQ⁻¹Gᵀ], [GQ⁻¹Aᵀ, GQ⁻¹Gᵀ]]
     if p == 0:
         return ReducedQPKKT(L, U, Q.new_zeros(Q.shape[0], 0, 0), gram[..., :0, :], gram)
-    R, info = torch.linalg.cholesky_ex(gram[..., :p, :p])
+    R, info = cholesky_lower(gram[..., :p, :p])
     if not _well_conditioned(R, info):
         return None
     T = _tri(R, gram[..., :p, p:])

@@ -8,9 +8,10 @@ Newton system of the perturbed KKT conditions
     Qx + c + Aᵀλ + Gᵀμ = 0,   Ax = b,   Gx + s = h,   s ∘ μ = σ τ 𝟙
 
 whose matrix, after eliminating ``ds``, is the quasi-definite ``M`` of
-:mod:`implicit_layers.linalg.kkt` with ``W = diag(s/μ)``. The iteration factors ``M`` at the
-current point *before* testing convergence, so a sample that stops keeps the factorization
-at the point it returns: the layer's backward and JVP reuse it without refactoring.
+:mod:`implicit_layers.linalg.kkt` with ``W = diag(s/μ)``, factored in one of two orders (see
+``kkt_form``; :mod:`implicit_layers.solvers.qp_data` holds the problem in the matching
+coordinates). A sample that stops keeps the factorization at the point it returns: the
+layer's backward and JVP reuse it without refactoring.
 
 Torch ops only (CPU and CUDA). Samples stop independently; only the running ones are
 gathered and stepped. Each sample ends with a :class:`QPStatus`:
@@ -94,10 +95,19 @@ class InteriorPoint:
             and makes linear programs and singular ``Q`` solvable.
         infeasibility_tol: tolerance of the infeasibility/unboundedness certificates
             (default ``1e-8`` float64, ``1e-4`` float32).
-        floor: lower bound on ``s/μ`` in the factorization kept for the backward and JVP
-            (default ``1e-8`` float64, ``1e-4`` float32). Strongly active constraints would
-            otherwise make it arbitrarily ill-conditioned as ``tol → 0``; one round of
-            iterative refinement against the exact matrix removes the floor's effect.
+        floor: lower bound on ``s/μ`` in the factorization kept for the backward and JVP in
+            the primal order (default ``1e-8`` float64, ``1e-4`` float32; the dual order needs
+            none and reuses its last iteration's factorization). Strongly active constraints
+            would otherwise make ``Q + GᵀW⁻¹G`` arbitrarily ill-conditioned as ``tol → 0``; one
+            round of iterative refinement against the exact matrix removes the floor's effect.
+        kkt_form: how the Newton systems are factored. ``"primal"``: ``Q + GᵀW⁻¹G`` (n × n)
+            and a p × p Schur complement per iteration, any positive semidefinite ``Q``.
+            ``"dual"``: for positive definite, well-conditioned ``Q``, iterate in whitened
+            coordinates and factor the m × m matrix ``G Z Gᵀ + W``, whose ``G Z Gᵀ`` is
+            computed once (:mod:`implicit_layers.linalg.kkt_reduced`); falls back to
+            ``"primal"`` for the batch if some ``Q`` is singular or ill-conditioned.
+            ``"auto"`` (default): ``"dual"`` where it costs fewer flops per iteration
+            (``m ≲ 2.5 n``).
 
     >>> import torch
     >>> from implicit_layers.solvers.interior_point import InteriorPoint

@@ -1,0 +1,90 @@
+"""The interior point's two KKT orders: primal (Q + GᵀW⁻¹G) and dual (whitened, m × m)."""
+
+import pytest
+import torch
+
+import implicit_layers as il
+from experiments.bench.qp_problems import strictly_complementary_qp
+from implicit_layers.solvers.qp_data import PrimalData, WhitenedData, qp_data
+from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
+
+NAMES = ("Q", "c", "A", "b", "G", "h")
+
+
+def _solve_and_grads(data, form, x_bar):
+    args = [t.clone().requires_grad_() for t in data]
+    layer = il.QPLayer(solver=il.InteriorPoint(kkt_form=form))
+    x, lam, mu = layer(*args)
+    (x * x_bar).sum().backward()
+    return (x.detach(), lam.detach(), mu.detach()), [a.grad for a in args], layer.stats.forward
+
+
+@pytest.mark.parametrize("n, m, p", [(8, 12, 0), (10, 12, 3), (12, 5, 4)])  # p + m/2 ≤ n: LICQ
+def test_primal_and_dual_orders_agree_on_values_and_gradients(n, m, p):
+    data, (xs, ls, ms) = strictly_complementary_qp(batch=(3,), n=n, m=m, p=p, seed=11)
+    x_bar = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (x1, l1, m1), g1, st1 = _solve_and_grads(data, "primal", x_bar)
+    (x2, l2, m2), g2, st2 = _solve_and_grads(data, "dual", x_bar)
+    assert bool(st1.converged.all()) and bool(st2.converged.all())
+    for a, b_, ref in ((x1, x2, xs), (l1, l2, ls), (m1, m2, ms)):
+        torch.testing.assert_close(a, ref, atol=1e-8, rtol=0)
+        torch.testing.assert_close(b_, ref, atol=1e-8, rtol=0)
+    scale = max(float(g.abs().max()) for g in g1 if g.numel())
+    for name, a, b_ in zip(NAMES, g1, g2, strict=True):
+        assert a.numel() == 0 or float((a - b_).abs().max()) <= 1e-7 * scale, name
+
+
+def test_auto_picks_the_dual_order_only_for_positive_definite_Q():
+    (Q, c, A, b, G, h), _ = strictly_complementary_qp(batch=(2,), n=6, m=8, p=2, seed=3)
+    assert isinstance(qp_data(Q, c, A, b, G, h, whiten=True), WhitenedData)
+    singular = Q.clone()
+    singular[1] = 0.0  # a linear program in the batch: the whole batch stays primal
+    assert isinstance(qp_data(singular, c, A, b, G, h, whiten=True), PrimalData)
+    dependent = A.clone()
+    dependent[:, 1] = dependent[:, 0]  # A Q⁻¹ Aᵀ singular
+    assert isinstance(qp_data(Q, c, dependent, b, G, h, whiten=True), PrimalData)
+
+
+def test_dual_order_falls_back_on_a_linear_program():
+    n = 3
+    G = torch.cat([torch.eye(n), -torch.eye(n)]).double()
+    h = torch.ones(2 * n, dtype=torch.float64)
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    solver = il.InteriorPoint(kkt_form="dual")
+    x, _, _ = il.QPLayer(solver=solver)(torch.zeros(n, n, dtype=torch.float64), c, None, None, G, h)
+    torch.testing.assert_close(x, -torch.sign(c), atol=1e-7, rtol=0)
+
+
+def test_whitened_stopping_test_holds_in_the_original_coordinates():
+    (Q, c, A, b, G, h), _ = strictly_complementary_qp(batch=(4,), n=10, m=14, p=3, seed=5)
+    Q = Q + torch.diag_embed(torch.linspace(0, 50, 10, dtype=torch.float64)).expand_as(Q)  # uneven scales
+    tol = 1e-10
+    x, lam, mu = il.QPLayer(solver=il.InteriorPoint(tol=tol, kkt_form="dual"))(Q, c, A, b, G, h)
+    mv = lambda M, v: (M @ v[..., None]).squeeze(-1)  # noqa: E731
+    r_d = mv(Q, x) + c + mv(A.mT, lam) + mv(G.mT, mu)
+    assert bool((r_d.abs().amax(-1) / (1 + c.abs().amax(-1)) <= 10 * tol).all())
+
+
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_backward_and_jvp_reuse_the_forward_factorization(form, monkeypatch):
+    data, _ = strictly_complementary_qp(batch=(2,), n=5, m=7, p=2, seed=6)
+    calls = []
+    original = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or original(*a, **k))
+    args = [t.clone().requires_grad_() for t in data]
+    layer = il.QPLayer(solver=il.InteriorPoint(kkt_form=form))
+    x, _, _ = layer(*args)
+    forward_calls = len(calls)
+    assert forward_calls > 0
+    grads = torch.autograd.grad(x.sum(), args, create_graph=True)  # backward
+    sum(g.sum() for g in grads).backward()  # double backward
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(t, torch.ones_like(t)) for t in data]
+        tangent = torch.autograd.forward_ad.unpack_dual(layer(*duals)[0]).tangent
+    assert tangent is not None and bool(torch.isfinite(tangent).all())
+    assert len(calls) == 2 * forward_calls  # the JVP's own forward solve; no derivative factors
+
+
+def test_bad_kkt_form():
+    with pytest.raises(ValueError, match="kkt_form"):
+        il.InteriorPoint(kkt_form="schur")
