@@ -17,7 +17,6 @@ compute. It applies to every method alike; ``steady_malloc=false`` measures the 
 
 from __future__ import annotations
 
-import ctypes
 import warnings
 
 import numpy as np
@@ -26,7 +25,7 @@ import scipy.sparse as sp
 import torch
 
 import implicit_layers as il
-from experiments.bench.harness import ratio, timeit
+from experiments.bench.harness import ratio, steady_malloc, timeit
 
 DT = torch.float64
 
@@ -178,18 +177,6 @@ def sparse_row(cfg) -> dict:
     return {"case": f"sparse n={n} m={m}", "ours_s": t_ours, "ours_grad_err": float(adj_res),
             "osqp_forward_s": t_osqp, "ours/osqp_forward": ratio(t_ours, t_osqp),
             "osqp_forward_tight_s": t_tight, "ours/osqp_forward_tight": ratio(t_ours, t_tight)}
-
-
-def steady_malloc() -> bool:
-    """glibc: no trimming of the heap and no fresh mmap per large block (see the module
-    docstring); False where that cannot be set."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # noqa: N806 (glibc's names)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def main(cfg) -> list[dict]:

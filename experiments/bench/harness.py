@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -140,3 +141,17 @@ def write_report(name: str, rows: list[dict], settings: dict, out_dir: Path = RE
     print(md)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return path
+
+
+def steady_malloc() -> bool:
+    """glibc: no trimming of the heap and no fresh mmap per large block; False where that
+    cannot be set. By default glibc maps each large temporary afresh (or trims the heap back)
+    on every call, and the page faults of touching it again swung single timings by up to 2×
+    with the order the methods ran in. Benchmarks apply it to every method alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # noqa: N806 (glibc's names)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -4,6 +4,14 @@ Random batches of strictly complementary QPs with a known solution (n variables,
 inequalities, p equalities, float64). For each method: forward time, forward+backward time,
 the solution error and the gradient error of ``L = ⟨x̄, x*⟩`` against an exact active-set
 reference (itself checked against central finite differences of the exact solution map).
+
+Methods: ``ours`` (default settings: the dual KKT order here), ``ours_primal``
+(``kkt_form="primal"``, the other order), qpth, and cvxpylayers in each configuration of
+``cvxpylayers_variants``: its defaults (SCS at its default accuracy, derivative by LSQR), tight
+SCS tolerances, and tight tolerances with diffcp's dense derivative (``mode="dense"``), which is
+both faster and far more accurate than LSQR here. diffcp solves the batch in a process pool
+over all cores (``n_jobs=-1``) unless a variant says otherwise; ours runs ``threads`` torch
+threads. ``steady_malloc`` as in :func:`experiments.bench.harness.steady_malloc`.
 """
 
 from __future__ import annotations
@@ -11,14 +19,15 @@ from __future__ import annotations
 import torch
 
 import implicit_layers as il
-from experiments.bench.harness import ratio, timeit
+from experiments.bench.harness import ratio, steady_malloc, timeit
 from experiments.bench.qp_problems import active_set_gradients, strictly_complementary_qp
 
 NAMES = ("Q", "c", "A", "b", "G", "h")
 
 
-def _ours(Q, c, A, b, G, h):
-    return il.QPLayer()(Q, c, A, b, G, h)[0]
+def _ours(**solver_options):
+    layer = il.QPLayer(solver=il.InteriorPoint(**solver_options))
+    return lambda Q, c, A, b, G, h: layer(Q, c, A, b, G, h)[0]
 
 
 def _qpth():
@@ -28,7 +37,7 @@ def _qpth():
     return lambda Q, c, A, b, G, h: fn(Q, c, G, h, A, b)
 
 
-def _cvxpylayers(n, m, p):
+def _cvxpylayers(n, m, p, solver_args: dict):
     """cvxpylayers needs DPP: ``Q = LLᵀ`` enters through ``‖Lᵀx‖²``; gradients reach ``Q`` via L."""
     import cvxpy as cp
     from cvxpylayers.torch import CvxpyLayer
@@ -40,7 +49,11 @@ def _cvxpylayers(n, m, p):
 
     def solve(Q, c, A, b, G, h):
         Lq = torch.linalg.cholesky(Q)
-        return layer(Lq, c, A, b, G, h, solver_args={"eps": 1e-10, "max_iters": 100000})[0]
+        args = dict(solver_args)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (Q, c, A, b, G, h))):
+            # diffcp's forward-only path would pass these on to SCS, which rejects them
+            args.pop("mode", None), args.pop("n_jobs_backward", None)
+        return layer(Lq, c, A, b, G, h, solver_args=args)[0]
 
     return solve
 
@@ -74,7 +87,7 @@ def _measure(name, fn, data, xs, x_bar, ref, repeat):
     t_both = timeit(fwd_bwd, repeat=repeat, warmup=1 if repeat > 1 else 0)
     x = fn(*data).detach()
     scale = max(float(g.abs().max()) for g in ref)
-    compared = NAMES if name != "cvxpylayers" else NAMES[1:]  # their Q-gradient goes to L
+    compared = NAMES if not name.startswith("cvxpylayers") else NAMES[1:]  # their Q-gradient goes to L
     grad_err = max(float((a.grad - g).abs().max()) for a, g, k in zip(args, ref, NAMES, strict=True)
                    if k in compared) / scale
     return {"forward_s": t_fwd, "fwd_bwd_s": t_both, "x_err": float((x - xs).abs().max()),
@@ -83,6 +96,7 @@ def _measure(name, fn, data, xs, x_bar, ref, repeat):
 
 def main(cfg) -> list[dict]:
     torch.set_num_threads(int(cfg.threads))
+    steady = steady_malloc() if cfg.steady_malloc else False
     rows = []
     for B in cfg.batch_sizes:
         data, (xs, ls, ms) = strictly_complementary_qp(batch=(B,), n=cfg.n, m=cfg.m, p=cfg.p,
@@ -90,18 +104,19 @@ def main(cfg) -> list[dict]:
         x_bar = torch.randn(B, cfg.n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
         ref = active_set_gradients(*data, xs, ls, ms, x_bar)
         fd_err = _fd_check(*(t[:1] for t in data), x_bar[:1], [g[:1] for g in ref])
-        methods = {"ours": (_ours, cfg.repeat), "qpth": (_qpth(), cfg.repeat)}
+        methods = {"ours": (_ours(), cfg.repeat), "ours_primal": (_ours(kkt_form="primal"), cfg.repeat),
+                   "qpth": (_qpth(), cfg.repeat)}
         if B in cfg.cvxpylayers_batch_sizes:
-            methods["cvxpylayers"] = (_cvxpylayers(cfg.n, cfg.m, cfg.p), cfg.slow_repeat)
+            for variant, args in cfg.cvxpylayers_variants.items():
+                methods[f"cvxpylayers_{variant}"] = (_cvxpylayers(cfg.n, cfg.m, cfg.p, args), cfg.slow_repeat)
         results = {k: _measure(k, fn, data, xs, x_bar, ref, rep) for k, (fn, rep) in methods.items()}
         ours = results["ours"]
         for method, r in results.items():
-            peer = method != "ours"
             peer = method != "ours"
             rows.append({
                 "case": f"B={B} n={cfg.n} m={cfg.m} p={cfg.p} f64", "method": method, **r,
                 "fwd_ratio_ours/theirs": ratio(ours["forward_s"], r["forward_s"]) if peer else None,
                 "fwd_bwd_ratio_ours/theirs": ratio(ours["fwd_bwd_s"], r["fwd_bwd_s"]) if peer else None,
-                "reference_fd_rel_err": fd_err,
+                "reference_fd_rel_err": fd_err, "steady_malloc": steady,
             })
     return rows
