@@ -240,8 +240,9 @@ class InteriorPoint:
         """``(G, w, keep)`` of the derivative KKT matrix ``M`` at the solution: ``w = s/μ``.
 
         Differentiable in ``G, h, x, μ`` (for double backward): the slack takes the solver's
-        positive value and the derivative of ``h − Gx``. The stored factorization used
-        ``max(w, floor)``; refinement against this exact ``w`` makes up the difference.
+        positive value and the derivative of ``h − Gx``. The stored factorization used ``w``
+        bounded below (``floor``, or the iteration's ``1/cap``) and the regularization ``δ``;
+        refinement against this exact ``w`` makes up the difference.
         Failed samples get ``w = 1`` (their factorization solves to zero anyway).
         ``keep = None``: no row of ``M`` is masked.
         """
