@@ -6,15 +6,19 @@ the solution error and the gradient error of ``L = ⟨x̄, x*⟩`` against an ex
 reference (itself checked against central finite differences of the exact solution map).
 
 Methods: ``ours`` (default settings: the dual KKT order here), ``ours_primal``
-(``kkt_form="primal"``, the other order), qpth, and cvxpylayers in each configuration of
-``cvxpylayers_variants``: its defaults (SCS at its default accuracy, derivative by LSQR), tight
-SCS tolerances, and tight tolerances with diffcp's dense derivative (``mode="dense"``), which is
-both faster and far more accurate than LSQR here. diffcp solves the batch in a process pool
-over all cores (``n_jobs=-1``) unless a variant says otherwise; ours runs ``threads`` torch
-threads. ``steady_malloc`` as in :func:`experiments.bench.harness.steady_malloc`.
+(``kkt_form="primal"``, the other order), ``ours_all_cores`` (as ``ours`` with one torch
+thread per core, as diffcp's default process pool uses every core), qpth, and cvxpylayers
+in each configuration of ``cvxpylayers_variants``: its defaults (SCS at its default accuracy,
+derivative by LSQR), tight SCS tolerances, tight tolerances with diffcp's dense derivative
+(``mode="dense"``, both faster and far more accurate than LSQR here), and that on one core.
+diffcp solves the batch in a process pool over all cores (``n_jobs=-1``) unless a variant
+says otherwise; ours runs ``threads`` torch threads. ``steady_malloc`` as in
+:func:`experiments.bench.harness.steady_malloc`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,9 +29,19 @@ from experiments.bench.qp_problems import active_set_gradients, strictly_complem
 NAMES = ("Q", "c", "A", "b", "G", "h")
 
 
-def _ours(**solver_options):
+def _ours(threads: int | None = None, **solver_options):
+    """Our layer; ``threads`` torch threads during the call (default: the benchmark's)."""
     layer = il.QPLayer(solver=il.InteriorPoint(**solver_options))
-    return lambda Q, c, A, b, G, h: layer(Q, c, A, b, G, h)[0]
+
+    def solve(Q, c, A, b, G, h):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            return layer(Q, c, A, b, G, h)[0]
+        finally:
+            torch.set_num_threads(before)
+
+    return solve
 
 
 def _qpth():
@@ -105,6 +119,7 @@ def main(cfg) -> list[dict]:
         ref = active_set_gradients(*data, xs, ls, ms, x_bar)
         fd_err = _fd_check(*(t[:1] for t in data), x_bar[:1], [g[:1] for g in ref])
         methods = {"ours": (_ours(), cfg.repeat), "ours_primal": (_ours(kkt_form="primal"), cfg.repeat),
+                   "ours_all_cores": (_ours(threads=os.cpu_count()), cfg.repeat),
                    "qpth": (_qpth(), cfg.repeat)}
         if B in cfg.cvxpylayers_batch_sizes:
             for variant, args in cfg.cvxpylayers_variants.items():
