@@ -10,7 +10,8 @@ Methods: ``ours`` (default settings: the dual KKT order here), ``ours_primal``
 thread per core, as diffcp's default process pool uses every core), qpth, and cvxpylayers
 in each configuration of ``cvxpylayers_variants``: its defaults (SCS at its default accuracy,
 derivative by LSQR), tight SCS tolerances, tight tolerances with diffcp's dense derivative
-(``mode="dense"``, both faster and far more accurate than LSQR here), and that on one core.
+(``mode="dense"``, both faster and far more accurate than LSQR here), and the ``_1core``
+variants of these on one core.
 diffcp solves the batch in a process pool over all cores (``n_jobs=-1``) unless a variant
 says otherwise; ours runs ``threads`` torch threads. ``steady_malloc`` as in
 :func:`experiments.bench.harness.steady_malloc`.

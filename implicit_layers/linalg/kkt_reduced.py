@@ -67,12 +67,12 @@ class ReducedQPKKT:
 
     def factor(self, Winv: Tensor, reg: float) -> ReducedQPKKTFactor:
         """Factor ``K = P + W + δI`` for ``W⁻¹ (B, m)``."""
-        w = Winv.clamp_min(torch.finfo(Winv.dtype).tiny).reciprocal()
+        w_reg = Winv.clamp_min(torch.finfo(Winv.dtype).tiny).reciprocal() + reg
         K = self.P.clone()
-        K.diagonal(dim1=-2, dim2=-1).add_(w + reg)
+        K.diagonal(dim1=-2, dim2=-1).add_(w_reg)
         LK, info = cholesky_lower(K)
         ok = (info == 0) & torch.isfinite(LK.diagonal(dim1=-2, dim2=-1)).all(-1)
-        return ReducedQPKKTFactor(self, LK, Winv, ok, reg)
+        return ReducedQPKKTFactor(self, LK, w_reg, ok)
 
     def _fields(self) -> tuple[Tensor, ...]:
         return (self.L, self.U, self.R, self.T, self.P)
@@ -104,10 +104,9 @@ class ReducedQPKKTFactor:
     (see :mod:`implicit_layers.solvers.qp_data`): there ``Q = I`` and ``[A; G] = U``."""
 
     base: ReducedQPKKT
-    LK: Tensor
-    Winv: Tensor
+    LK: Tensor     # (B, m, m) Cholesky factor of K
+    w_reg: Tensor  # (B, m) the diagonal K adds to P: w + δ
     ok: Tensor
-    reg: float = 0.0
 
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Solve ``M z = r`` for right-hand sides ``(..., B, k)`` (extra dims broadcast)."""
@@ -136,8 +135,7 @@ class ReducedQPKKTFactor:
             z2, z1 = z3[..., :0], -_mv(b.U.mT, z3)
         if r1 is not None:
             z1 = z1 + r1
-        w = self.Winv.clamp_min(torch.finfo(self.Winv.dtype).tiny).reciprocal()
-        out = (z1, z2, z3, r3 + (w + self.reg) * z3)
+        out = (z1, z2, z3, r3 + self.w_reg * z3)
         if bool(self.ok.all()):
             return out
         keep = self.ok.unsqueeze(-1)
@@ -145,15 +143,14 @@ class ReducedQPKKTFactor:
         return tuple(torch.where(keep, t, zero) for t in out)
 
     @classmethod
-    def identity(cls, base: ReducedQPKKT, reg: float = 0.0) -> ReducedQPKKTFactor:
+    def identity(cls, base: ReducedQPKKT) -> ReducedQPKKTFactor:
         """Placeholder factors (``ok = False``) for the whole batch, to be filled by :meth:`put_`."""
         B, m = base.P.shape[0], base.P.shape[-1]
         eye = torch.eye(m, dtype=base.P.dtype, device=base.P.device).repeat(B, 1, 1)
-        return cls(base, eye, base.P.new_ones(B, m), torch.zeros(B, dtype=torch.bool, device=eye.device), reg)
+        return cls(base, eye, base.P.new_ones(B, m), torch.zeros(B, dtype=torch.bool, device=eye.device))
 
     def select(self, idx: Tensor) -> ReducedQPKKTFactor:
-        return ReducedQPKKTFactor(self.base.select(idx), *(t.index_select(0, idx) for t in self._varying()),
-                                  self.reg)
+        return ReducedQPKKTFactor(self.base.select(idx), *(t.index_select(0, idx) for t in self._varying()))
 
     def put_(self, idx: Tensor, other: ReducedQPKKTFactor, src: Tensor | None = None) -> None:
         """Overwrite samples ``idx`` with ``other``'s factors (its samples ``src``, default all);
@@ -165,7 +162,7 @@ class ReducedQPKKTFactor:
         """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""
         rep = lambda t: t.repeat(k, *([1] * (t.ndim - 1)))  # noqa: E731
         return ReducedQPKKTFactor(ReducedQPKKT(*(rep(t) for t in self.base._fields())),
-                                  *(rep(t) for t in self._varying()), self.reg)
+                                  *(rep(t) for t in self._varying()))
 
     def _varying(self) -> tuple[Tensor, ...]:
-        return (self.LK, self.Winv, self.ok)
+        return (self.LK, self.w_reg, self.ok)

@@ -77,10 +77,13 @@ class QPSolution:
     factor: QPKKTFactor | None = None
 
 
-def _max_step(v: Tensor, dv: Tensor) -> Tensor:
-    """Largest ``α ≤ 1`` with ``v + α dv ≥ 0`` per sample."""
-    ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
-    return ratio.amin(-1).clamp(max=1.0) if v.shape[-1] > 0 else v.new_ones(v.shape[0])
+def _max_step(s: Tensor, ds: Tensor, mu: Tensor, dmu: Tensor) -> Tensor:
+    """Largest ``α ≤ 1`` with ``s + α ds ≥ 0`` and ``μ + α dμ ≥ 0`` per sample (``s, μ > 0``):
+    ``1 / max(1, −min(ds/s, dμ/μ))``."""
+    if s.shape[-1] == 0:
+        return s.new_ones(s.shape[0])
+    worst = torch.minimum((ds / s).amin(-1), (dmu / mu).amin(-1))  # most negative relative change
+    return (-worst).clamp_min(1.0).reciprocal()
 
 
 class InteriorPoint:
@@ -208,11 +211,8 @@ class InteriorPoint:
         r_p[..., p:] += s
         gap = (s * y[..., p:]).sum(-1) / max(m, 1)
         obj = 0.5 * (x * Qx).sum(-1) + (data.c * x).sum(-1)
-        res = torch.stack([
-            _inf(r_p) / (1 + _inf(data.d)),
-            _inf(data.dual_residual(r_d)) / (1 + data.c_norm),
-            gap / (1 + obj.abs()),
-        ]).amax(0)
+        primal, dual = _inf(r_p) / data.d_scale, _inf(data.dual_residual(r_d)) / data.c_scale
+        res = torch.maximum(torch.maximum(primal, dual), gap / (1 + obj.abs()))
         return (r_d, r_p), res, (Qx, Cx, Cty)
 
     def _classify(self, data, x, y, s, res, products, tol, inf_tol, last: bool) -> Tensor:
@@ -220,19 +220,19 @@ class InteriorPoint:
         Qx, Cx, Cty = products
         p, c, d, scale = data.p, data.c, data.d, data.scale
         new = torch.full(res.shape, RUNNING, dtype=torch.int64, device=res.device)
-        # unbounded: x/‖x‖∞ → ray r with Qr ≈ 0, Ar ≈ 0, Gr ≲ 0, cᵀr < 0
-        nx = _inf(x).clamp_min(torch.finfo(x.dtype).tiny)
-        flat = torch.stack([_inf(Qx), _inf(Cx[..., :p]), _inf(Cx[..., p:].clamp_min(0))]).amax(0)
-        unbounded = (flat <= inf_tol * scale * nx) & ((c * x).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(c)) * nx)
-        new = torch.where(unbounded, QPStatus.UNBOUNDED, new)
+        if data.may_be_unbounded:  # x/‖x‖∞ → ray r with Qr ≈ 0, Ar ≈ 0, Gr ≲ 0, cᵀr < 0
+            nx = _inf(x).clamp_min(torch.finfo(x.dtype).tiny)
+            flat = torch.maximum(torch.maximum(_inf(Qx), _inf(Cx[..., :p])), _inf(Cx[..., p:].clamp_min(0)))
+            descent = (c * x).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(c)) * nx
+            new = torch.where((flat <= inf_tol * scale * nx) & descent, QPStatus.UNBOUNDED, new)
         # infeasible (Farkas): (λ, μ)/ν → certificate z with z_G ≥ 0, Cᵀz ≈ 0, dᵀz < 0
         nu = _inf(y).clamp_min(torch.finfo(y.dtype).tiny)
         infeasible = (_inf(Cty) <= inf_tol * scale * nu) & (
-            (d * y).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(d)) * nu)
+            (d * y).sum(-1) < -inf_tol ** 0.5 * data.d_scale * nu)
         new = torch.where(infeasible, QPStatus.INFEASIBLE, new)
         new = torch.where(res <= tol, QPStatus.SOLVED, new)
-        finite = torch.isfinite(x.sum(-1) + y.sum(-1) + s.sum(-1) + res)
-        new = torch.where(finite, new, QPStatus.NUMERICAL)
+        # res is NaN or ∞ as soon as any of x, λ, μ, s is (through the residuals and the gap)
+        new = torch.where(torch.isfinite(res), new, QPStatus.NUMERICAL)
         return torch.where(new == RUNNING, QPStatus.MAX_ITER, new) if last else new
 
     @staticmethod
@@ -264,14 +264,14 @@ class InteriorPoint:
         m, mu, r_e, r_i = s.shape[-1], y[..., p:], r_p[..., :p], r_p[..., p:]
         dx, dl, dm, Gdx = fac.solve_and_product(-r_d, -r_e, s - r_i)  # predictor: r_c = s∘μ
         ds = -r_i - Gdx
-        a_aff = torch.minimum(_max_step(s, ds), _max_step(mu, dm))
+        a_aff = _max_step(s, ds, mu, dm)
         tau = (s * mu).sum(-1) / max(m, 1)
         tau_aff = ((s + a_aff[:, None] * ds) * (mu + a_aff[:, None] * dm)).sum(-1) / max(m, 1)
         sigma = (tau_aff / tau.clamp_min(torch.finfo(s.dtype).tiny)).clamp(0, 1) ** 3
         cx, cl, cm, Gcx = fac.solve_and_product(None, None, (ds * dm - (sigma * tau)[:, None]) / mu)
         dx, dm, ds = dx + cx, dm + cm, ds - Gcx
         eta = 1 - res.clamp(max=0.01)
-        alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(mu, dm))).clamp(max=1.0)
+        alpha = eta * _max_step(s, ds, mu, dm)
         return dx, torch.cat([dl + cl, dm], dim=-1), ds, alpha
 
     @staticmethod

@@ -13,7 +13,7 @@ coordinates; only the dual residual changes, ``r_d = L r̃_d``, and the stopping
 it in the original coordinates.
 
 Both expose the same interface to the solver: ``select``, ``products``, ``dual_residual``,
-``factor``, ``placeholder``, ``to_original`` and the per-sample ``c_norm`` and ``scale``.
+``factor``, ``placeholder``, ``to_original``, ``may_be_unbounded`` and the per-sample scales.
 """
 
 from __future__ import annotations
@@ -37,18 +37,21 @@ class _Common:
     c: Tensor       # (B, n) in the iteration's coordinates
     d: Tensor       # (B, p+m)
     p: int
-    c_norm: Tensor  # (B,) ‖c‖∞ in the original coordinates (stopping test)
-    scale: Tensor   # (B,) 1 + the largest |entry| of Q, C (infeasibility certificates)
+    c_scale: Tensor  # (B,) 1 + ‖c‖∞ in the original coordinates (stopping test)
+    d_scale: Tensor  # (B,) 1 + ‖d‖∞
+    scale: Tensor    # (B,) 1 + the largest |entry| of Q, C (infeasibility certificates)
 
     def _pick(self, idx: Tensor) -> dict:
-        return {"c": self.c.index_select(0, idx), "d": self.d.index_select(0, idx), "p": self.p,
-                "c_norm": self.c_norm.index_select(0, idx), "scale": self.scale.index_select(0, idx)}
+        pick = lambda t: t.index_select(0, idx)  # noqa: E731
+        return {"c": pick(self.c), "d": pick(self.d), "p": self.p, "c_scale": pick(self.c_scale),
+                "d_scale": pick(self.d_scale), "scale": pick(self.scale)}
 
 
 @dataclass
 class PrimalData(_Common):
     Q: Tensor = None  # (B, n, n)
     C: Tensor = None  # (B, p+m, n)
+    may_be_unbounded = True  # Q may be singular
 
     def select(self, idx: Tensor) -> PrimalData:
         return PrimalData(**self._pick(idx), Q=self.Q.index_select(0, idx), C=self.C.index_select(0, idx))
@@ -73,6 +76,7 @@ class PrimalData(_Common):
 @dataclass
 class WhitenedData(_Common):
     system: ReducedQPKKT = None  # its L (Q = LLᵀ) and U = C L⁻ᵀ define the coordinates
+    may_be_unbounded = False  # Q is positive definite
 
     def select(self, idx: Tensor) -> WhitenedData:
         return WhitenedData(**self._pick(idx), system=self.system.select(idx))
@@ -99,10 +103,10 @@ def qp_data(Q, c, A, b, G, h, whiten: bool) -> PrimalData | WhitenedData:
     """The iteration's view of a flat batch; whitened if asked for and ``Q`` (and
     ``A Q⁻¹ Aᵀ``) are positive definite and well conditioned for every sample."""
     d, p = torch.cat([b, h], dim=-1), A.shape[-2]
-    common = {"d": d, "p": p, "c_norm": _inf(c),
-              "scale": 1 + torch.stack([_inf(t.flatten(1)) for t in (Q, A, G)]).amax(0)}
+    common = {"d": d, "p": p, "c_scale": 1 + _inf(c), "d_scale": 1 + _inf(d)}
     system = reduce_qp_kkt(Q, A, G) if whiten and G.shape[-2] > 0 else None
     if system is None:
-        return PrimalData(c=c, **common, Q=Q, C=torch.cat([A, G], dim=-2))
-    common["scale"] = 1 + _inf(system.U.flatten(1)).clamp_min(1)  # of Q̃ = I and C̃ = U
-    return WhitenedData(c=_tri(system.L, c.unsqueeze(-1)).squeeze(-1), **common, system=system)
+        scale = 1 + torch.stack([_inf(t.flatten(1)) for t in (Q, A, G)]).amax(0)
+        return PrimalData(c=c, **common, scale=scale, Q=Q, C=torch.cat([A, G], dim=-2))
+    scale = 1 + _inf(system.U.flatten(1)).clamp_min(1)  # of Q̃ = I and C̃ = U
+    return WhitenedData(c=_tri(system.L, c.unsqueeze(-1)).squeeze(-1), **common, scale=scale, system=system)
