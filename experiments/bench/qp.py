@@ -20,11 +20,13 @@ says otherwise; ours runs ``threads`` torch threads. ``steady_malloc`` as in
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import torch
 
 import implicit_layers as il
-from experiments.bench.harness import ratio, steady_malloc, timeit
+from experiments.bench.harness import ratio, steady_malloc
 from experiments.bench.qp_problems import active_set_gradients, strictly_complementary_qp
 
 NAMES = ("Q", "c", "A", "b", "G", "h")
@@ -89,24 +91,40 @@ def _fd_check(Q, c, A, b, G, h, x_bar, ref, eps=1e-6) -> float:
     return float((fd - an).abs() / an.abs().clamp_min(1e-12))
 
 
-def _measure(name, fn, data, xs, x_bar, ref, repeat):
-    args = [t.clone().requires_grad_() for t in data]
-    with torch.no_grad():
-        t_fwd = timeit(lambda: fn(*data), repeat=repeat, warmup=1 if repeat > 1 else 0)
+def _measure(methods: dict, data, xs, x_bar, ref, rounds: int) -> dict:
+    """Forward and forward+backward medians of every method, timed in interleaved rounds (one
+    call of each method per round, after a warm-up call) so that drifts of the machine's speed
+    fall on all methods alike; then each method's solution and gradient errors."""
+    args = {k: [t.clone().requires_grad_() for t in data] for k in methods}
 
-    def fwd_bwd():
-        for a in args:
+    def fwd_bwd(name):
+        for a in args[name]:
             a.grad = None
-        (fn(*args) * x_bar).sum().backward()
+        (methods[name](*args[name]) * x_bar).sum().backward()
 
-    t_both = timeit(fwd_bwd, repeat=repeat, warmup=1 if repeat > 1 else 0)
-    x = fn(*data).detach()
+    def fwd(name):
+        with torch.no_grad():
+            methods[name](*data)
+
+    times = {k: ([], []) for k in methods}
+    for r in range(rounds + 1):
+        for k in methods:
+            for run, bucket in ((fwd, times[k][0]), (fwd_bwd, times[k][1])):
+                t0 = time.perf_counter()
+                run(k)
+                if r > 0:  # round 0 warms up
+                    bucket.append(time.perf_counter() - t0)
     scale = max(float(g.abs().max()) for g in ref)
-    compared = NAMES if not name.startswith("cvxpylayers") else NAMES[1:]  # their Q-gradient goes to L
-    grad_err = max(float((a.grad - g).abs().max()) for a, g, k in zip(args, ref, NAMES, strict=True)
-                   if k in compared) / scale
-    return {"forward_s": t_fwd, "fwd_bwd_s": t_both, "x_err": float((x - xs).abs().max()),
-            "grad_err_rel": grad_err}
+    results = {}
+    for k, fn in methods.items():
+        compared = NAMES if not k.startswith("cvxpylayers") else NAMES[1:]  # their Q-gradient goes to L
+        grad_err = max(float((a.grad - g).abs().max()) for a, g, name in zip(args[k], ref, NAMES, strict=True)
+                       if name in compared) / scale
+        with torch.no_grad():
+            x_err = float((fn(*data) - xs).abs().max())
+        fwd_s, both_s = (statistics.median(t) for t in times[k])
+        results[k] = {"forward_s": fwd_s, "fwd_bwd_s": both_s, "x_err": x_err, "grad_err_rel": grad_err}
+    return results
 
 
 def main(cfg) -> list[dict]:
@@ -119,13 +137,12 @@ def main(cfg) -> list[dict]:
         x_bar = torch.randn(B, cfg.n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
         ref = active_set_gradients(*data, xs, ls, ms, x_bar)
         fd_err = _fd_check(*(t[:1] for t in data), x_bar[:1], [g[:1] for g in ref])
-        methods = {"ours": (_ours(), cfg.repeat), "ours_primal": (_ours(kkt_form="primal"), cfg.repeat),
-                   "ours_all_cores": (_ours(threads=os.cpu_count()), cfg.repeat),
-                   "qpth": (_qpth(), cfg.repeat)}
+        methods = {"ours": _ours(), "ours_primal": _ours(kkt_form="primal"),
+                   "ours_all_cores": _ours(threads=os.cpu_count()), "qpth": _qpth()}
         if B in cfg.cvxpylayers_batch_sizes:
             for variant, args in cfg.cvxpylayers_variants.items():
-                methods[f"cvxpylayers_{variant}"] = (_cvxpylayers(cfg.n, cfg.m, cfg.p, args), cfg.slow_repeat)
-        results = {k: _measure(k, fn, data, xs, x_bar, ref, rep) for k, (fn, rep) in methods.items()}
+                methods[f"cvxpylayers_{variant}"] = _cvxpylayers(cfg.n, cfg.m, cfg.p, args)
+        results = _measure(methods, data, xs, x_bar, ref, cfg.rounds)
         ours = results["ours"]
         for method, r in results.items():
             peer = method != "ours"
