@@ -85,6 +85,7 @@ def reduce_qp_kkt(Q: Tensor, A: Tensor, G: Tensor) -> ReducedQPKKT | None:
     L, info = cholesky_lower(Q)
     if not _well_conditioned(L, info):
         return None
+    L = L.contiguous()  # row-major: the iteration multiplies by it (r_d = L r̃_d) every step
     U = torch.linalg.solve_triangular(L.mT, torch.cat([A, G], dim=-2), upper=True, left=False)
     gram = U @ U.mT  # [[AQ⁻¹Aᵀ, AQ⁻¹Gᵀ], [GQ⁻¹Aᵀ, GQ⁻¹Gᵀ]]
     if p == 0:
