@@ -88,3 +88,16 @@ def test_backward_and_jvp_reuse_the_forward_factorization(form, monkeypatch):
 def test_bad_kkt_form():
     with pytest.raises(ValueError, match="kkt_form"):
         il.InteriorPoint(kkt_form="schur")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_cuda_matches_cpu(form):
+    data, (xs, _, _) = strictly_complementary_qp(batch=(4,), n=8, m=10, p=2, seed=8)
+    x_bar = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (x_cpu, _, _), g_cpu, _ = _solve_and_grads(data, form, x_bar)
+    (x_gpu, _, _), g_gpu, stats = _solve_and_grads([t.cuda() for t in data], form, x_bar.cuda())
+    assert bool(stats.converged.all())
+    torch.testing.assert_close(x_gpu.cpu(), x_cpu, atol=1e-9, rtol=0)
+    for a, b_ in zip(g_cpu, g_gpu, strict=True):
+        torch.testing.assert_close(b_.cpu(), a, atol=1e-8, rtol=1e-8)
