@@ -139,10 +139,11 @@ def main(cfg) -> list[dict]:
         fd_err = _fd_check(*(t[:1] for t in data), x_bar[:1], [g[:1] for g in ref])
         methods = {"ours": _ours(), "ours_primal": _ours(kkt_form="primal"),
                    "ours_all_cores": _ours(threads=os.cpu_count()), "qpth": _qpth()}
-        if B in cfg.cvxpylayers_batch_sizes:
-            for variant, args in cfg.cvxpylayers_variants.items():
+        large = B > min(cfg.batch_sizes)  # larger batches: only the main peer variants, fewer rounds
+        for variant, args in cfg.cvxpylayers_variants.items():
+            if not large or variant in cfg.large_batch_variants:
                 methods[f"cvxpylayers_{variant}"] = _cvxpylayers(cfg.n, cfg.m, cfg.p, args)
-        results = _measure(methods, data, xs, x_bar, ref, cfg.rounds)
+        results = _measure(methods, data, xs, x_bar, ref, cfg.large_batch_rounds if large else cfg.rounds)
         ours = results["ours"]
         for method, r in results.items():
             peer = method != "ours"
