@@ -9,10 +9,10 @@ whitened ones when ``Q`` is positive definite.
 out of every product, and its systems are factored in the reduced order of
 :mod:`implicit_layers.linalg.kkt_reduced`, whose ``U = C L⁻ᵀ`` is the whitened constraint
 matrix itself. Objective, constraint values, multipliers and slacks are the same in both
-coordinates; only the dual residual changes, ``r_d = L r̃_d``, and the stopping test measures
-it in the original coordinates.
+coordinates; only dual-space vectors change, ``r_d = L r̃_d``, and the stopping test measures them
+in the original coordinates.
 
-Both expose the same interface to the solver: ``select``, ``products``, ``dual_residual``,
+Both expose the same interface to the solver: ``select``, ``products``, ``original``,
 ``factor``, ``placeholder``, ``to_original``, ``may_be_unbounded`` and the per-sample scales.
 """
 
@@ -60,8 +60,9 @@ class PrimalData(_Common):
         """``(Qx, Cx, Cᵀy)``."""
         return _mv(self.Q, x), _mv(self.C, x), _mv(self.C.mT, y)
 
-    def dual_residual(self, r: Tensor) -> Tensor:
-        return r
+    def original(self, *vectors: Tensor) -> tuple[Tensor, ...]:
+        """Dual-space vectors (``r_d``, ``Qx``, ``Cᵀy``) in the original coordinates."""
+        return vectors
 
     def factor(self, Winv: Tensor, reg: float) -> QPKKTFactor:
         return factor_qp_kkt(self.Q, self.C[..., :self.p, :], self.C[..., self.p:, :], Winv, reg)
@@ -85,9 +86,10 @@ class WhitenedData(_Common):
         """``(Q̃x̃, C̃x̃, C̃ᵀy)`` with ``Q̃ = I``, ``C̃ = U``."""
         return x, _mv(self.system.U, x), _mv(self.system.U.mT, y)
 
-    def dual_residual(self, r: Tensor) -> Tensor:
-        """``r_d = L r̃_d`` (``L`` is stored with zeros above the diagonal)."""
-        return _mv(self.system.L, r)
+    def original(self, *vectors: Tensor) -> tuple[Tensor, ...]:
+        """Dual-space vectors in the original coordinates, ``v = L ṽ`` (``r_d = L r̃_d``,
+        ``Qx = L x̃``, ``Cᵀy = L Uᵀy``), in one pass over ``L`` (zeros above its diagonal)."""
+        return tuple((torch.stack(vectors, dim=-2) @ self.system.L.mT).unbind(-2))
 
     def factor(self, Winv: Tensor, reg: float) -> ReducedQPKKTFactor:
         return self.system.factor(Winv, reg)

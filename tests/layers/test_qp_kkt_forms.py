@@ -7,6 +7,7 @@ import implicit_layers as il
 from experiments.bench.qp_problems import strictly_complementary_qp
 from implicit_layers.solvers.qp_data import PrimalData, WhitenedData, qp_data
 from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
+from tests.layers.test_qp import cvxpy_solve
 
 NAMES = ("Q", "c", "A", "b", "G", "h")
 
@@ -43,6 +44,28 @@ def test_auto_picks_the_dual_order_only_for_positive_definite_Q():
     dependent = A.clone()
     dependent[:, 1] = dependent[:, 0]  # A Q⁻¹ Aᵀ singular
     assert isinstance(qp_data(Q, c, dependent, b, G, h, whiten=True), PrimalData)
+    assert isinstance(qp_data(_ill_conditioned(6, 1e8, 2), c, A, b, G, h, whiten=True), PrimalData)
+
+
+def _ill_conditioned(n, cond, batch):
+    """Symmetric positive definite ``(batch, n, n)`` with eigenvalues log-spaced in ``[1, cond]``."""
+    V, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    eig = torch.logspace(0, float(torch.log10(torch.tensor(cond))), n, dtype=torch.float64)
+    return ((V * eig) @ V.T).expand(batch, n, n).clone()
+
+
+@pytest.mark.parametrize("cond", [1e4, 1e6, 1e8])
+def test_ill_conditioned_Q_is_solved_to_tolerance(cond):
+    # the stopping test measures residuals relative to the terms they sum: with ‖r_d‖ relative
+    # to ‖c‖ alone, round-off ε‖Q‖‖x‖ made tol = 1e-12 unreachable for cond(Q) ≳ 1e5
+    (_, c, A, b, G, h), _ = strictly_complementary_qp(batch=(4,), n=12, m=16, p=3, seed=9)
+    Q = _ill_conditioned(12, cond, 4)
+    layer = il.QPLayer()
+    x, lam, mu = layer(Q, c, A, b, G, h)
+    assert bool(layer.stats.forward.converged.all())
+    for i in range(4):
+        xr, _, _ = cvxpy_solve(Q[i], c[i], A[i], b[i], G[i], h[i])
+        assert float((x[i] - torch.from_numpy(xr)).abs().max()) <= 1e-6 * (1 + float(x[i].abs().max()))
 
 
 def test_dual_order_falls_back_on_a_linear_program():
