@@ -54,7 +54,7 @@ class CvxpyQPLayer(nn.Module):
     >>> x = cp.Variable(2); p = cp.Parameter(2)
     >>> prob = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [x >= 0])
     >>> layer = il.QPLayer.from_cvxpy(prob, parameters=[p], variables=[x])
-    >>> layer(torch.tensor([1.0, -1.0], dtype=torch.float64))[0].round(decimals=6)
+    >>> layer(torch.tensor([1.0, -1.0], dtype=torch.float64))[0].round(decimals=6) + 0.0  # no -0.
     tensor([1., 0.], dtype=torch.float64)
     """
 

@@ -95,9 +95,10 @@ class InteriorPoint:
         tol: stopping tolerance on scaled residuals and gap (default ``1e-12`` in float64,
             ``1e-5`` in float32).
         max_iter: iteration cap; samples still running get ``MAX_ITER``.
-        reg: diagonal regularization ``δ`` of the KKT factorization (default ``ε^0.6`` of the
-            dtype: ~4e-10 in float64). It only perturbs search directions, not the solution,
-            and makes linear programs and singular ``Q`` solvable.
+        reg: diagonal regularization ``δ`` of the KKT factorization (default: ``ε^0.6`` of the
+            dtype, ~4e-10 in float64, in the primal order; ``1e-9`` in the dual order). It only
+            perturbs search directions, not the solution, and makes linear programs and
+            singular ``Q`` solvable.
         infeasibility_tol: tolerance of the infeasibility/unboundedness certificates
             (default ``1e-8`` float64, ``1e-4`` float32).
         floor: lower bound on ``s/μ`` in the factorization kept for the backward and JVP in
@@ -144,28 +145,37 @@ class InteriorPoint:
         n, p, m = Q.shape[-1], A.shape[-2], G.shape[-2]
         return m > 0 and m ** 3 / 3 < 2 * n * n * m + n ** 3 / 3 + n * n * p
 
-    def _defaults(self, dtype: torch.dtype) -> tuple[float, float, float]:
+    def _defaults(self, dtype: torch.dtype, dual: bool) -> tuple[float, float, float, float]:
+        """``(tol, reg, inf_tol, cap)``: ``cap`` bounds ``μ/s`` in the factorizations.
+
+        The primal order's ``Q + GᵀW⁻¹G`` needs ``W⁻¹ ≤ cap`` and ``δ = ε^0.6`` to stay
+        factorable (``cap = 1e10``, float32 ``ε^-½``); the dual order's ``G Z Gᵀ + W`` only
+        grows better conditioned as ``W⁻¹`` grows, and there a large ``δ`` or a tight cap would
+        keep the directions of the active constraints from converging (float32 stalled at
+        ``w ≥ 3e-4``): ``cap = 1e10``, ``δ = 1e-9`` in both dtypes.
+        """
         f64 = dtype == torch.float64
         tol = self.tol if self.tol is not None else (1e-12 if f64 else 1e-5)
-        reg = self.reg if self.reg is not None else torch.finfo(dtype).eps ** 0.6
+        reg = self.reg if self.reg is not None else (1e-9 if dual else torch.finfo(dtype).eps ** 0.6)
         inf_tol = self.infeasibility_tol if self.infeasibility_tol is not None else (1e-8 if f64 else 1e-4)
-        return tol, reg, inf_tol
+        cap = 1e10 if f64 or dual else torch.finfo(dtype).eps ** -0.5
+        return tol, reg, inf_tol, cap
 
     def solve(self, Q, c, A, b, G, h) -> QPSolution:
         """Solve a flat batch: ``Q (B,n,n)``, ``c (B,n)``, ``A (B,p,n)``, ``b (B,p)``,
         ``G (B,m,n)``, ``h (B,m)`` (``p = 0`` for no equalities)."""
-        tol, reg, inf_tol = self._defaults(Q.dtype)
-        # steps keep s/μ ≥ 1e-10 (float32: √ε) so that the Cholesky factorizations succeed
-        cap = 1e10 if Q.dtype == torch.float64 else torch.finfo(Q.dtype).eps ** -0.5
         B, p = Q.shape[0], A.shape[-2]
         data = qp_data(Q, c, A, b, G, h, whiten=self._use_dual(Q, A, G))
-        floor = self.floor if self.floor is not None or isinstance(data, WhitenedData) else (
-            1e-8 if Q.dtype == torch.float64 else 1e-4)
-        x, y, s = self._initial_point(data.factor(torch.ones_like(h), reg), data)
+        dual = isinstance(data, WhitenedData)
+        tol, reg, inf_tol, cap = self._defaults(Q.dtype, dual)
+        floor = self.floor if self.floor is not None or dual else (1e-8 if Q.dtype == torch.float64 else 1e-4)
+        fac = data.factor(torch.ones_like(h), reg)
+        x, y, s = self._initial_point(fac, data)
         status = torch.full((B,), RUNNING, dtype=torch.int64, device=Q.device)
         iters = torch.zeros(B, dtype=torch.int64, device=Q.device)
         residual = torch.full((B,), float("inf"), dtype=Q.dtype, device=Q.device)
         final = data.placeholder()
+        last_step = torch.ones(B, dtype=Q.dtype, device=Q.device)  # each sample's last step length
         for k in range(self.max_iter + 1):
             idx = (status == RUNNING).nonzero().squeeze(-1)
             if idx.numel() == 0:
@@ -174,14 +184,16 @@ class InteriorPoint:
             sub = data if everyone else data.select(idx)
             xk, yk, sk = (t if everyone else t.index_select(0, idx) for t in (x, y, s))
             (r_d, r_p), res, products = self._residuals(sub, xk, yk, sk)
-            new = self._classify(sub, xk, yk, sk, res, products, tol, inf_tol, last=k == self.max_iter)
+            jammed = (last_step if everyone else last_step.index_select(0, idx)) < 1e-8
+            new = self._classify(sub, xk, yk, sk, res, products, jammed, tol, inf_tol, k == self.max_iter)
             if everyone:
                 status.copy_(new), iters.fill_(k), residual.copy_(res)
             else:
                 status[idx], iters[idx], residual[idx] = new, k, res
             stop = new != RUNNING
             mu_k = yk[..., p:]
-            fac = sub.factor((mu_k / sk).clamp_max(cap), reg)
+            if k > 0:  # at k = 0, s = μ: W = I, the initial point's factorization
+                fac = sub.factor((mu_k / sk).clamp_max(cap), reg)
             if bool(stop.any()):  # the factorization the backward and JVP will reuse
                 j = stop.nonzero().squeeze(-1)
                 if floor is None:  # this very factorization
@@ -197,6 +209,7 @@ class InteriorPoint:
             for state, d in ((x, dx), (y, dy), (s, ds)):
                 step = torch.where(move, alpha[:, None] * d, 0.0)
                 state.add_(step) if everyone else state.index_add_(0, idx, step)
+            last_step.index_copy_(0, idx, alpha)
         solved = status == QPStatus.SOLVED
         final.ok &= solved
         stats = SolverStats(self.name, iters, residual, solved, evaluations=int(iters.max()) + 1)
@@ -225,19 +238,24 @@ class InteriorPoint:
         res = torch.maximum(torch.maximum(primal, dual), gap / (1 + obj.abs()))
         return (r_d, r_p), res, (Qx, Cx, Cty)
 
-    def _classify(self, data, x, y, s, res, products, tol, inf_tol, last: bool) -> Tensor:
+    def _classify(self, data, x, y, s, res, products, jammed, tol, inf_tol, last: bool) -> Tensor:
         """The new status of each running sample (``RUNNING`` if it goes on)."""
         Qx, Cx, Cty = products
         p, c, d, scale = data.p, data.c, data.d, data.scale
+        # Jammed (the last step was < 1e-8 of the way: an infeasible start's iterate stuck at
+        # a complementary point while the certificate is still forming): certificates are
+        # accepted at the looser √inf_tol, like OSQP's (1e-4 in float64), instead of burning
+        # the remaining iterations.
+        certificate_tol = torch.where(jammed, inf_tol ** 0.5, inf_tol)
         new = torch.full(res.shape, RUNNING, dtype=torch.int64, device=res.device)
         if data.may_be_unbounded:  # x/‖x‖∞ → ray r with Qr ≈ 0, Ar ≈ 0, Gr ≲ 0, cᵀr < 0
             nx = _inf(x).clamp_min(torch.finfo(x.dtype).tiny)
             flat = torch.maximum(torch.maximum(_inf(Qx), _inf(Cx[..., :p])), _inf(Cx[..., p:].clamp_min(0)))
             descent = (c * x).sum(-1) < -inf_tol ** 0.5 * (1 + _inf(c)) * nx
-            new = torch.where((flat <= inf_tol * scale * nx) & descent, QPStatus.UNBOUNDED, new)
+            new = torch.where((flat <= certificate_tol * scale * nx) & descent, QPStatus.UNBOUNDED, new)
         # infeasible (Farkas): (λ, μ)/ν → certificate z with z_G ≥ 0, Cᵀz ≈ 0, dᵀz < 0
         nu = _inf(y).clamp_min(torch.finfo(y.dtype).tiny)
-        infeasible = (_inf(Cty) <= inf_tol * scale * nu) & (
+        infeasible = (_inf(Cty) <= certificate_tol * scale * nu) & (
             (d * y).sum(-1) < -inf_tol ** 0.5 * data.d_scale * nu)
         new = torch.where(infeasible, QPStatus.INFEASIBLE, new)
         new = torch.where(res <= tol, QPStatus.SOLVED, new)
@@ -286,13 +304,16 @@ class InteriorPoint:
 
     @staticmethod
     def _initial_point(fac, data):
-        """Solve the KKT system with ``W = I`` (``fac``), then shift ``s`` and ``μ`` into the interior."""
+        """Solve the KKT system with ``W = I`` (``fac``), shift ``s`` and ``μ`` into the interior
+        and take their geometric mean for both: ``s = μ`` makes ``W = S/Z = I`` at the start, so
+        the first iteration reuses ``fac`` instead of factoring again (and, on random QPs, needs
+        ~8% fewer iterations than keeping them apart)."""
         p = data.p
         x, lam, z, _ = fac.solve_and_product(-data.c, data.d[..., :p], data.d[..., p:])
-        s = -z  # G x − z = h ⇒ z = Gx − h = −(slack)
 
         def shift(v):
             worst = -v.amin(-1, keepdim=True) if v.shape[-1] > 0 else v.new_zeros(v.shape[0], 1)
             return torch.where(worst >= 0, v + 1 + worst, v)
 
-        return x, torch.cat([lam, shift(z)], dim=-1), shift(s)
+        s = (shift(-z) * shift(z)).sqrt()  # G x − z = h ⇒ −z is the slack h − Gx
+        return x, torch.cat([lam, s], dim=-1), s.clone()
