@@ -165,6 +165,12 @@ class InteriorPoint:
         """Solve a flat batch: ``Q (B,n,n)``, ``c (B,n)``, ``A (B,p,n)``, ``b (B,p)``,
         ``G (B,m,n)``, ``h (B,m)`` (``p = 0`` for no equalities)."""
         B, p = Q.shape[0], A.shape[-2]
+        if B == 0:  # an empty batch: empty outputs (and gradients), nothing to solve
+            none = torch.zeros(0, dtype=torch.int64, device=Q.device)
+            stats = SolverStats(self.name, none, Q.new_zeros(0), none.bool(), evaluations=0)
+            stats.extra["status"] = none
+            return QPSolution(c.clone(), b.clone(), h.clone(), h.clone(), none, stats,
+                              QPKKTFactor.identity(Q, A, G))
         data = qp_data(Q, c, A, b, G, h, whiten=self._use_dual(Q, A, G))
         dual = isinstance(data, WhitenedData)
         tol, reg, inf_tol, cap = self._defaults(Q.dtype, dual)

@@ -137,3 +137,12 @@ def test_random_qps_all_converge(dtype):
             layer = il.QPLayer(on_failure="warn")
             layer(*(t.to(dtype) for t in (Q, c, A, b, G, h)))
             assert bool(layer.stats.forward.converged.all()), (seed, n, m, p)
+
+
+def test_empty_batch_gives_empty_outputs_and_gradients():
+    data, _ = strictly_complementary_qp(batch=(3,), n=4, m=5, p=1, seed=0)
+    args = [t[:0].clone().requires_grad_() for t in data]
+    x, lam, mu = il.QPLayer()(*args)
+    assert (x.shape, lam.shape, mu.shape) == ((0, 4), (0, 1), (0, 5))
+    (x.sum() + lam.sum() + mu.sum()).backward()
+    assert [a.grad.shape for a in args] == [a.shape for a in args]
