@@ -67,7 +67,7 @@ def _well_conditioned(L: Tensor, info: Tensor, steps: int = 3) -> bool:
 class ReducedQPKKT:
     """The ``W``-independent part of the reduced system for a batch ``(B,)``: ``L (B,n,n)``,
     ``U (B,p+m,n)`` = ``[A; G] L⁻ᵀ`` (the rows of ``[U_A U_G]ᵀ``), ``R (B,p,p)``, ``T (B,p,m)``
-    and ``P (B,m,m)`` (only its lower triangle is used)."""
+    and ``P (B,m,m)`` (symmetric up to round-off; the factorization reads one triangle)."""
 
     L: Tensor
     U: Tensor
