@@ -47,8 +47,33 @@ def _tri(L: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
     return torch.linalg.solve_triangular(L.mT if transpose else L, B, upper=transpose)
 
 
+class PerSampleFactor:
+    """What the QP factorizations share: a per-sample ``ok`` flag that zeroes failed samples'
+    solutions, and in-place overwriting of some samples (subclasses name the per-sample
+    tensors in ``_varying``)."""
+
+    ok: Tensor
+
+    def _masked(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """``tensors`` (``(B, k)`` each) with the samples whose factorization failed set to 0."""
+        if bool(self.ok.all()):
+            return tensors
+        keep = self.ok.unsqueeze(-1)
+        zero = torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
+        return tuple(torch.where(keep, t, zero) for t in tensors)
+
+    def put_(self, idx: Tensor, other: PerSampleFactor, src: Tensor | None = None) -> None:
+        """Overwrite samples ``idx`` with ``other``'s factors (its samples ``src``, default all);
+        in place. Shared data (the matrices the factors came from) is not copied."""
+        for mine, theirs in zip(self._varying(), other._varying(), strict=True):
+            mine.index_copy_(0, idx, theirs if src is None else theirs.index_select(0, src))
+
+    def _varying(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+
 @dataclass
-class QPKKTFactor:
+class QPKKTFactor(PerSampleFactor):
     """Cholesky factors of ``H`` and ``S`` for a batch ``(B,)`` of KKT matrices ``M``.
 
     Attributes:
@@ -90,11 +115,7 @@ class QPKKTFactor:
         z1 = _tri(self.L, y.unsqueeze(-1), transpose=True).squeeze(-1)
         Gz1 = _mv(self.G, z1)
         z3 = self.Winv * (Gz1 - r3)
-        if bool(self.ok.all()):
-            return z1, z2, z3, Gz1
-        keep = self.ok.unsqueeze(-1)
-        zero = torch.zeros((), dtype=z1.dtype, device=z1.device)
-        return tuple(torch.where(keep, t, zero) for t in (z1, z2, z3, Gz1))
+        return self._masked(z1, z2, z3, Gz1)
 
     @classmethod
     def identity(cls, Q: Tensor, A: Tensor, G: Tensor) -> QPKKTFactor:
@@ -106,12 +127,6 @@ class QPKKTFactor:
 
     def select(self, idx: Tensor) -> QPKKTFactor:
         return QPKKTFactor(*(t.index_select(0, idx) for t in self._fields()))
-
-    def put_(self, idx: Tensor, other: QPKKTFactor, src: Tensor | None = None) -> None:
-        """Overwrite samples ``idx`` with ``other``'s factors (its samples ``src``, default all);
-        in place, A and G are shared data."""
-        for mine, theirs in zip(self._varying(), other._varying(), strict=True):
-            mine.index_copy_(0, idx, theirs if src is None else theirs.index_select(0, src))
 
     def repeat(self, k: int) -> QPKKTFactor:
         """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from implicit_layers.linalg.kkt import _mv, _tri, cholesky_lower
+from implicit_layers.linalg.kkt import PerSampleFactor, _mv, _tri, cholesky_lower
 
 # largest estimated condition number of Q (or A Q⁻¹ Aᵀ) to eliminate through: the reduced
 # order's errors grow with it (x = L⁻ᵀx̃), the other order's much less near the solution
@@ -111,7 +111,7 @@ def reduce_qp_kkt(Q: Tensor, A: Tensor, G: Tensor) -> ReducedQPKKT | None:
 
 
 @dataclass
-class ReducedQPKKTFactor:
+class ReducedQPKKTFactor(PerSampleFactor):
     """A factorization of ``M`` in the reduced order; same interface as
     :class:`~implicit_layers.linalg.kkt.QPKKTFactor`, except that :meth:`solve_and_product`
     works in the whitened coordinates ``x̃ = Lᵀx`` in which an interior point iterates
@@ -149,12 +149,7 @@ class ReducedQPKKTFactor:
             z2, z1 = z3[..., :0], -_mv(b.U.mT, z3)
         if r1 is not None:
             z1 = z1 + r1
-        out = (z1, z2, z3, r3 + self.w_reg * z3)
-        if bool(self.ok.all()):
-            return out
-        keep = self.ok.unsqueeze(-1)
-        zero = torch.zeros((), dtype=z1.dtype, device=z1.device)
-        return tuple(torch.where(keep, t, zero) for t in out)
+        return self._masked(z1, z2, z3, r3 + self.w_reg * z3)
 
     @classmethod
     def identity(cls, base: ReducedQPKKT) -> ReducedQPKKTFactor:
@@ -165,12 +160,6 @@ class ReducedQPKKTFactor:
 
     def select(self, idx: Tensor) -> ReducedQPKKTFactor:
         return ReducedQPKKTFactor(self.base.select(idx), *(t.index_select(0, idx) for t in self._varying()))
-
-    def put_(self, idx: Tensor, other: ReducedQPKKTFactor, src: Tensor | None = None) -> None:
-        """Overwrite samples ``idx`` with ``other``'s factors (its samples ``src``, default all);
-        ``other`` must share this factor's ``base``."""
-        for mine, theirs in zip(self._varying(), other._varying(), strict=True):
-            mine.index_copy_(0, idx, theirs if src is None else theirs.index_select(0, src))
 
     def repeat(self, k: int) -> ReducedQPKKTFactor:
         """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""
