@@ -8,37 +8,39 @@ solver outside the autograd graph; the backward pass solves ``(∂_y f)ᵀ w = �
 from implicit_layers import functional
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint, FixedPointAdjoint, KrylovAdjoint
 from implicit_layers.core.implicit import ImplicitFunction, ImplicitLayer
-from implicit_layers.core.stats import LayerStats, SolverStats
 from implicit_layers.errors import (
     ConvergenceError,
     ConvergenceWarning,
     ImplicitLayerError,
     SingularSystemError,
 )
-from implicit_layers.layers.deq import DEQLayer
-from implicit_layers.layers.deq_adjoint import JacobianFreeAdjoint, PhantomAdjoint
-from implicit_layers.layers.eq_qp import EqualityQPLayer
-from implicit_layers.layers.eq_qp_dense import DenseKKTBackend
-from implicit_layers.layers.eq_qp_osqp import OSQPBackend
-from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend
+from implicit_layers.layers.deq import DEQLayer, JacobianFreeAdjoint, PhantomAdjoint
+from implicit_layers.layers.eq_qp import (
+    DenseKKTBackend,
+    EqualityQPLayer,
+    OSQPBackend,
+    SparseKKTBackend,
+)
 from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
 from implicit_layers.layers.qp import QPLayer
-from implicit_layers.layers.qp_osqp import OSQP
 from implicit_layers.layers.root_find import RootFindLayer
 from implicit_layers.layers.sylvester import SylvesterLayer
 from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
 from implicit_layers.solvers import (
+    OSQP,
     Anderson,
     Broyden,
     InteriorPoint,
     Newton,
     Picard,
+    QPSolver,
     QPStatus,
     RootProblem,
     RootSolver,
     ScipyRoot,
     SolveResult,
 )
+from implicit_layers.stats import LayerStats, SolverStats
 
 __all__ = [
     # layers
@@ -46,7 +48,7 @@ __all__ = [
     "DiscreteLyapunovLayer", "SylvesterLayer", "DEQLayer", "ImplicitFunction",
     # forward solvers
     "RootSolver", "RootProblem", "SolveResult", "Newton", "Broyden", "Picard", "Anderson",
-    "ScipyRoot", "InteriorPoint", "QPStatus", "OSQP",
+    "ScipyRoot", "QPSolver", "InteriorPoint", "QPStatus", "OSQP",
     # adjoints (how backward / JVP systems are solved)
     "Adjoint", "DirectAdjoint", "KrylovAdjoint", "FixedPointAdjoint", "PhantomAdjoint",
     "JacobianFreeAdjoint",

@@ -16,7 +16,7 @@ class ConvergenceError(ImplicitLayerError):
     """A forward or adjoint solve did not reach its tolerance (or produced non-finite iterates).
 
     Attributes:
-        stats: the :class:`~implicit_layers.core.stats.SolverStats` of the failed solve, if any.
+        stats: the :class:`~implicit_layers.stats.SolverStats` of the failed solve, if any.
     """
 
     def __init__(self, message: str, stats=None):

@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-from implicit_layers.layers.deq import DEQLayer
-from implicit_layers.layers.eq_qp import EqualityQPLayer
+from implicit_layers.layers.deq.layer import DEQLayer
+from implicit_layers.layers.eq_qp.layer import EqualityQPLayer
 from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov
-from implicit_layers.layers.qp import QPLayer
+from implicit_layers.layers.qp.layer import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer
 from implicit_layers.layers.sylvester import sylvester
 from implicit_layers.solvers.anderson import Anderson

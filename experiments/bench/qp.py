@@ -27,7 +27,7 @@ import torch
 
 import implicit_layers as il
 from experiments.bench.harness import ratio, steady_malloc
-from experiments.bench.qp_problems import active_set_gradients, strictly_complementary_qp
+from implicit_layers.testing.qp_problems import active_set_gradients, strictly_complementary_qp
 
 NAMES = ("Q", "c", "A", "b", "G", "h")
 

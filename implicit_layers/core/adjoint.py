@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.linearization import Linearization
-from implicit_layers.core.stats import SolverStats
 from implicit_layers.linalg.base import LinearSolver
 from implicit_layers.linalg.dense import LU
 from implicit_layers.linalg.krylov import GMRES, KrylovSolver
 from implicit_layers.solvers.base import RootProblem, RootSolver
+from implicit_layers.stats import SolverStats
 
 
 class Adjoint(ABC):

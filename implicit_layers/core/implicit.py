@@ -19,13 +19,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from implicit_layers.checks import check_policy, check_same_dtype_device, check_tensor
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint
-from implicit_layers.core.checks import check_policy, check_same_dtype_device, check_tensor
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linear_solve import LinearSolve
 from implicit_layers.core.problem import ImplicitProblem
-from implicit_layers.core.stats import LayerStats, enforce
 from implicit_layers.solvers.base import RootProblem
+from implicit_layers.stats import LayerStats, enforce
 
 
 class ImplicitFunction(torch.autograd.Function):
@@ -55,6 +55,8 @@ class ImplicitFunction(torch.autograd.Function):
             event_ndim=problem.event_ndim,
             fixed_point_map=(lambda y: problem.fixed_point_fn(xs, y, params))
             if problem.fixed_point_fn is not None else None,
+            objective=(lambda y: problem.objective_fn(xs, y, params))
+            if problem.objective_fn is not None else None,
         )
         result = problem.solver.solve(root, y0)
         problem.stats.forward = enforce(result.stats, problem.on_failure, "forward solve f(x, y) = 0")
@@ -158,15 +160,18 @@ def _swapped(slots, values: tuple[Tensor, ...]):
 
 
 class _Residual(nn.Module):
-    """Holds the user's residual (and optional fixed-point map) so that their parameters are
-    registered and can be swapped for the autograd function's inputs (see :func:`_swapped`)."""
+    """Holds the user's residual (and optional fixed-point map and objective) so that their
+    parameters are registered and can be swapped for the autograd function's inputs (see
+    :func:`_swapped`)."""
 
-    def __init__(self, residual: Callable, fixed_point_map: Callable | None):
+    def __init__(self, residual: Callable, fixed_point_map: Callable | None,
+                 objective: Callable | None = None):
         super().__init__()
-        self.residual, self.fixed_point_map = residual, fixed_point_map
+        self.residual, self.fixed_point_map, self.objective = residual, fixed_point_map, objective
 
     def forward(self, which: str, x, y):
-        return (self.residual if which == "f" else self.fixed_point_map)(x, y)
+        fn = {"f": self.residual, "g": self.fixed_point_map, "objective": self.objective}[which]
+        return fn(x, y)
 
 
 class ImplicitLayer(nn.Module):
@@ -183,10 +188,12 @@ class ImplicitLayer(nn.Module):
         on_failure: ``"raise"`` (default) raises :class:`~implicit_layers.ConvergenceError`
             when a solve misses its tolerance; ``"warn"`` warns and continues.
         fixed_point_map: optional ``(x, y) ↦ y + f(x, y)`` evaluated directly (a DEQ cell).
+        objective: optional ``(x, y) ↦ φ``, one value per sample, with ``∇_y φ = f`` (an
+            argmin layer's objective, which minimizers descend).
         init: optional ``x ↦ y0`` used when ``forward`` gets no ``y0``.
 
     Attributes:
-        stats: :class:`~implicit_layers.core.stats.LayerStats` of the latest forward, backward
+        stats: :class:`~implicit_layers.stats.LayerStats` of the latest forward, backward
             and tangent solves.
 
     Raises:
@@ -204,13 +211,14 @@ class ImplicitLayer(nn.Module):
 
     def __init__(self, residual: Callable, solver, adjoint: Adjoint | None = None, *,
                  event_ndim: int = 1, on_failure: str = "raise",
-                 fixed_point_map: Callable | None = None, init: Callable | None = None):
+                 fixed_point_map: Callable | None = None, init: Callable | None = None,
+                 objective: Callable | None = None):
         super().__init__()
         if not callable(residual):
             raise ValueError("residual must be callable (x, y) -> tensor shaped like y")
         if event_ndim < 0:
             raise ValueError(f"event_ndim must be >= 0, got {event_ndim}")
-        self.fn = _Residual(residual, fixed_point_map)
+        self.fn = _Residual(residual, fixed_point_map, objective)
         self.solver = solver
         self.adjoint = adjoint if adjoint is not None else DirectAdjoint()
         self.event_ndim = event_ndim
@@ -243,5 +251,6 @@ class ImplicitLayer(nn.Module):
             fn=call("f"), n_x=len(xs), event_ndim=self.event_ndim, solver=self.solver,
             adjoint=self.adjoint, on_failure=self.on_failure, stats=self.stats,
             fixed_point_fn=call("g") if self.fn.fixed_point_map is not None else None,
+            objective_fn=call("objective") if self.fn.objective is not None else None,
         )
         return ImplicitFunction.apply(problem, y0.detach(), *xs, *params)

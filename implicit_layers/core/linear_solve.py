@@ -24,7 +24,7 @@ from torch import Tensor
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linearization import Linearization
 from implicit_layers.core.problem import ImplicitProblem
-from implicit_layers.core.stats import enforce
+from implicit_layers.stats import enforce
 
 
 def _over_extra(fn, v: Tensor, y: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import LayerStats
+from implicit_layers.stats import LayerStats
 
 Residual = Callable[[tuple[Tensor, ...], Tensor, tuple[Tensor, ...]], Tensor]
 
@@ -32,6 +32,7 @@ class ImplicitProblem:
         on_failure: ``"raise"`` or ``"warn"``.
         stats: where the stats of each solve are recorded.
         fixed_point_fn: optional ``(xs, y, params) ↦ g`` with ``g = y + f`` (a DEQ cell).
+        objective_fn: optional ``(xs, y, params) ↦ φ`` per sample with ``∇_y φ = f`` (argmin).
         cache: factorizations and forward-solver data, keyed by the tensors they belong to.
     """
 
@@ -43,6 +44,7 @@ class ImplicitProblem:
     on_failure: str = "raise"
     stats: LayerStats = field(default_factory=LayerStats)
     fixed_point_fn: Residual | None = None
+    objective_fn: Residual | None = None
     cache: dict = field(default_factory=dict)
 
     def split(self, z: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor, tuple[Tensor, ...]]:
@@ -71,7 +73,8 @@ class ImplicitProblem:
                 fn, in_dims=(tuple(xd), yd, tuple(pd)), randomness=randomness
             )(xs, y, ps)
 
-        return replace(self, fn=lift(self.fn), fixed_point_fn=lift(self.fixed_point_fn), cache={})
+        return replace(self, fn=lift(self.fn), fixed_point_fn=lift(self.fixed_point_fn),
+                       objective_fn=lift(self.objective_fn), cache={})
 
     # -- cache of factorizations / forward data, valid for plain tensors only ------------
     def cache_key(self, tag: str, tensors: tuple[Tensor, ...]):

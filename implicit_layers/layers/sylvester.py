@@ -3,7 +3,7 @@
 :class:`SylvesterSolve` is the one autograd Function behind :class:`SylvesterLayer`,
 :class:`~implicit_layers.layers.lyapunov.LyapunovLayer` and
 :class:`~implicit_layers.layers.lyapunov.DiscreteLyapunovLayer`. The operator ``L`` is factored
-once per call (:mod:`implicit_layers.linalg.sylvester`); the adjoint and tangent equations are
+once per call (:mod:`implicit_layers.linalg.sylvester.factor`); the adjoint and tangent equations are
 solved by calling :class:`SylvesterSolve` again with the same factors (transposed for the
 adjoint), so double backward and forward-over-reverse differentiate through those solves too.
 
@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.core.checks import check_same_dtype_device, check_tensor
-from implicit_layers.core.stats import LayerStats, SolverStats
-from implicit_layers.linalg.sylvester import BACKENDS, factor_sylvester
-from implicit_layers.linalg.sylvester_operator import SylvesterFactorization
+from implicit_layers.checks import check_same_dtype_device, check_tensor
+from implicit_layers.linalg.sylvester.factor import BACKENDS, factor_sylvester
+from implicit_layers.linalg.sylvester.operator import SylvesterFactorization
+from implicit_layers.stats import LayerStats, SolverStats
 
 
 class LazySylvesterFactors:
@@ -161,7 +161,7 @@ class SylvesterTypeLayer(nn.Module):
 
     Attributes:
         last_backend: the backend the most recent call used (what ``"auto"`` picked).
-        stats: :class:`~implicit_layers.core.stats.LayerStats` of the most recent call.
+        stats: :class:`~implicit_layers.stats.LayerStats` of the most recent call.
     """
 
     def __init__(self, backend: str = "auto", rcond: float | None = None,

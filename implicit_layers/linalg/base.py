@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import SolverStats
+from implicit_layers.stats import SolverStats
 
 
 class LinearOperator:

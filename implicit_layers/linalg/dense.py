@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import SolverStats
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization, LinearOperator, LinearSolver
+from implicit_layers.stats import SolverStats
 
 #: matrices at least this large are factored one by one in CPU batches (pytorch#142815)
 _UNSAFE_BATCHED_LU_SIZE = 128

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import SolverStats
 from implicit_layers.linalg.base import Factorization, LinearOperator, LinearSolver
+from implicit_layers.stats import SolverStats
 
 MatVec = Callable[[Tensor], Tensor]
 

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import check_finite_iterate
 from implicit_layers.solvers.base import (
     IterationLog,
     RootProblem,
@@ -34,6 +33,7 @@ from implicit_layers.solvers.base import (
     SolveResult,
     where_active,
 )
+from implicit_layers.stats import check_finite_iterate
 
 
 class Anderson(RootSolver):

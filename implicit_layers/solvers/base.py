@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import SolverStats, check_finite_iterate
+from implicit_layers.stats import SolverStats, check_finite_iterate
 
 
 @dataclass
@@ -39,11 +39,14 @@ class RootProblem:
         event_ndim: how many trailing dims of ``y`` form one sample's unknown.
         fixed_point_map: optional ``g(y)``, equal to ``y + f(y)``, when it is cheaper or more
             accurate to evaluate directly (a DEQ cell); defaults to ``y + f(y)``.
+        objective: optional ``y ↦ φ(y)``, one value per sample (shape = batch shape), whose
+            gradient in ``y`` is the residual: minimizers descend it (an argmin layer).
     """
 
     residual: Callable[[Tensor], Tensor]
     event_ndim: int = 1
     fixed_point_map: Callable[[Tensor], Tensor] | None = None
+    objective: Callable[[Tensor], Tensor] | None = None
 
     def g(self, y: Tensor) -> Tensor:
         if self.fixed_point_map is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import check_finite_iterate
 from implicit_layers.linalg.dense import LU
 from implicit_layers.solvers.base import (
     IterationLog,
@@ -14,6 +13,7 @@ from implicit_layers.solvers.base import (
     SolveResult,
     where_active,
 )
+from implicit_layers.stats import check_finite_iterate
 
 
 def _bdot(a: Tensor, b: Tensor) -> Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from implicit_layers.core.stats import check_finite_iterate
 from implicit_layers.linalg.dense import LU
 from implicit_layers.solvers.base import (
     IterationLog,
@@ -13,6 +12,7 @@ from implicit_layers.solvers.base import (
     SolveResult,
     where_active,
 )
+from implicit_layers.stats import check_finite_iterate
 
 
 class Newton(RootSolver):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from implicit_layers.core.stats import check_finite_iterate
 from implicit_layers.solvers.base import (
     IterationLog,
     RootProblem,
@@ -10,6 +9,7 @@ from implicit_layers.solvers.base import (
     SolveResult,
     where_active,
 )
+from implicit_layers.stats import check_finite_iterate
 
 
 class Picard(RootSolver):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import implicit_layers as il
-from implicit_layers.layers.deq_stability import (
+from implicit_layers.layers.deq.stability import (
     jacobian_frobenius_estimate,
     spectral_radius,
     warn_off_equilibrium,

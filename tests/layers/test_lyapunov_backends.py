@@ -9,8 +9,9 @@ import torch
 
 import implicit_layers as il
 from implicit_layers import functional as F
-from implicit_layers.linalg import eig_sylvester, schur
-from implicit_layers.linalg.eig_sylvester import IllConditionedEigenbasis
+from implicit_layers.linalg.sylvester import eig as eig_sylvester
+from implicit_layers.linalg.sylvester import schur
+from implicit_layers.linalg.sylvester.eig import IllConditionedEigenbasis
 
 f64 = dict(dtype=torch.float64)
 

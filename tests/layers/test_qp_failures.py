@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import implicit_layers as il
-from experiments.bench.qp_problems import strictly_complementary_qp
 from implicit_layers import functional as F
+from implicit_layers.testing.qp_problems import strictly_complementary_qp
 from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch.autograd import gradcheck
 
 import implicit_layers as il
-from experiments.bench.qp_problems import strictly_complementary_qp
+from implicit_layers.testing.qp_problems import strictly_complementary_qp
 from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 

@@ -11,9 +11,9 @@ Two operators on ``n × m`` matrices ``X`` are covered, both determined by the s
 Under the Frobenius inner product the adjoint ``L*`` is the operator of the same kind built
 from ``(Aᵀ, Bᵀ)``; a spectral factor of ``Mᵀ`` is a relabelling of the factor of ``M``, so
 :attr:`SylvesterFactorization.T` costs nothing and backward/JVP solves reuse the forward's
-factors. Backends: :mod:`~implicit_layers.linalg.schur` (real Schur form + LAPACK ``trsyl``,
-CPU) and :mod:`~implicit_layers.linalg.eig_sylvester` (batched torch eigendecomposition, any
-device); :func:`~implicit_layers.linalg.sylvester.factor_sylvester` picks one.
+factors. Backends: :mod:`~implicit_layers.linalg.sylvester.schur` (real Schur form + LAPACK ``trsyl``,
+CPU) and :mod:`~implicit_layers.linalg.sylvester.eig` (batched torch eigendecomposition, any
+device); :func:`~implicit_layers.linalg.sylvester.factor.factor_sylvester` picks one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A differentiable solve with a QP's KKT matrix that reuses a factorization.
 
-``z = M⁻¹ r`` with the symmetric matrix (see :mod:`implicit_layers.linalg.kkt`)
+``z = M⁻¹ r`` with the symmetric matrix (see :mod:`implicit_layers.linalg.kkt.inequality`)
 
     M(Q, A, G, w) = [[Q, Aᵀ, Gᵀ], [A, 0, 0], [G, 0, −diag(w)]]
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.linalg.kkt import kkt_matvec, refine
+from implicit_layers.linalg.kkt.inequality import kkt_matvec, refine
 
 
 def _outer(u: Tensor, v: Tensor) -> Tensor:

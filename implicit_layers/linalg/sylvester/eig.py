@@ -20,7 +20,7 @@ from torch import Tensor
 
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.dense import lu_factor
-from implicit_layers.linalg.sylvester_operator import SylvesterFactorization, check_separation
+from implicit_layers.linalg.sylvester.operator import SylvesterFactorization, check_separation
 
 
 class IllConditionedEigenbasis(SingularSystemError):

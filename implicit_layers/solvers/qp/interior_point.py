@@ -8,8 +8,8 @@ Newton system of the perturbed KKT conditions
     Qx + c + Aᵀλ + Gᵀμ = 0,   Ax = b,   Gx + s = h,   s ∘ μ = σ τ 𝟙
 
 whose matrix, after eliminating ``ds``, is the quasi-definite ``M`` of
-:mod:`implicit_layers.linalg.kkt` with ``W = diag(s/μ)``, factored in one of two orders (see
-``kkt_form``; :mod:`implicit_layers.solvers.qp_data` holds the problem in the matching
+:mod:`implicit_layers.linalg.kkt.inequality` with ``W = diag(s/μ)``, factored in one of two orders (see
+``kkt_form``; :mod:`implicit_layers.solvers.qp.data` holds the problem in the matching
 coordinates). A sample that stops keeps the factorization at the point it returns: the
 layer's backward and JVP reuse it without refactoring.
 
@@ -28,55 +28,15 @@ gathered and stepped. Each sample ends with a :class:`QPStatus`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import IntEnum
-
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import SolverStats
-from implicit_layers.linalg.kkt import QPKKTFactor, _mv
-from implicit_layers.solvers.qp_data import WhitenedData, _inf, qp_data
+from implicit_layers.linalg.kkt.inequality import QPKKTFactor, _mv
+from implicit_layers.solvers.qp.base import QPSolution, QPSolver, QPStatus
+from implicit_layers.solvers.qp.data import WhitenedData, _inf, qp_data
+from implicit_layers.stats import SolverStats
 
 RUNNING = -1
-
-
-class QPStatus(IntEnum):
-    """Per-sample outcome of a QP solve, stored as integer codes in the stats.
-
-    >>> import torch, implicit_layers as il
-    >>> Q, c = torch.eye(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    >>> G = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
-    >>> h = torch.tensor([-1.0, -1.0], dtype=torch.float64)          # x ≤ −1 and x ≥ 1
-    >>> layer = il.QPLayer(on_failure="warn")
-    >>> with __import__("warnings").catch_warnings(record=True):
-    ...     _ = layer(Q, c, None, None, G, h)
-    >>> il.QPStatus(int(layer.stats.forward.extra["status"]))
-    <QPStatus.INFEASIBLE: 2>
-    """
-
-    SOLVED = 0
-    MAX_ITER = 1
-    INFEASIBLE = 2
-    UNBOUNDED = 3
-    NUMERICAL = 4
-
-
-@dataclass
-class QPSolution:
-    """What a QP solver returns for a flat batch ``(B,)``.
-
-    ``status`` holds :class:`QPStatus` codes; ``factor`` is the KKT factorization at the
-    returned point (``None`` for solvers without one); ``stats.converged = status == SOLVED``.
-    """
-
-    x: Tensor
-    lam: Tensor
-    mu: Tensor
-    slack: Tensor
-    status: Tensor
-    stats: SolverStats
-    factor: QPKKTFactor | None = None
 
 
 def _max_step(s: Tensor, ds: Tensor, mu: Tensor, dmu: Tensor) -> Tensor:
@@ -88,7 +48,7 @@ def _max_step(s: Tensor, ds: Tensor, mu: Tensor, dmu: Tensor) -> Tensor:
     return (-worst).clamp_min(1.0).reciprocal()
 
 
-class InteriorPoint:
+class InteriorPoint(QPSolver):
     """Batched Mehrotra predictor-corrector interior point for dense convex QPs.
 
     Args:
@@ -110,14 +70,14 @@ class InteriorPoint:
             and a p × p Schur complement per iteration, any positive semidefinite ``Q``.
             ``"dual"``: for positive definite, well-conditioned ``Q``, iterate in whitened
             coordinates and factor the m × m matrix ``G Z Gᵀ + W``, whose ``G Z Gᵀ`` is
-            computed once (:mod:`implicit_layers.linalg.kkt_reduced`); falls back to
+            computed once (:mod:`implicit_layers.linalg.kkt.reduced`); falls back to
             ``"primal"`` for the batch if some ``Q`` is singular or ill-conditioned (estimated
             condition number above 1e6 in float64, 1e2 in float32).
             ``"auto"`` (default): ``"dual"`` where it costs fewer flops per iteration
             (``m ≲ 2.5 n``).
 
     >>> import torch
-    >>> from implicit_layers.solvers.interior_point import InteriorPoint
+    >>> from implicit_layers.solvers.qp.interior_point import InteriorPoint
     >>> Q = torch.eye(2, dtype=torch.float64)[None]; c = torch.tensor([[-1., -1.]]).double()
     >>> G = torch.tensor([[[1., 1.]]]).double(); h = torch.tensor([[1.]]).double()
     >>> A, b = Q.new_zeros(1, 0, 2), Q.new_zeros(1, 0)

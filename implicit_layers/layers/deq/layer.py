@@ -27,7 +27,7 @@ from torch import Tensor
 
 from implicit_layers.core.adjoint import Adjoint, FixedPointAdjoint
 from implicit_layers.core.implicit import ImplicitLayer
-from implicit_layers.layers.deq_stability import (
+from implicit_layers.layers.deq.stability import (
     jacobian_frobenius_estimate,
     spectral_radius,
     warn_off_equilibrium,

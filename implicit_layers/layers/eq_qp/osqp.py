@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 from torch.autograd import Function, forward_ad
 
-from implicit_layers.core.checks import check_policy
-from implicit_layers.core.stats import SolverStats, enforce
-from implicit_layers.layers.eq_qp_dense import _FactoredKKTSolve, sym
-from implicit_layers.layers.eq_qp_kkt import factor_kkt
+from implicit_layers.checks import check_policy
+from implicit_layers.layers.eq_qp.dense import _FactoredKKTSolve, sym
+from implicit_layers.linalg.kkt.equality import factor_kkt
+from implicit_layers.stats import SolverStats, enforce
 
 
 class _GivenSolution(Function):

@@ -26,8 +26,8 @@ from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd import Function
 
-from implicit_layers.core.checks import check_tensor
-from implicit_layers.layers.eq_qp_kkt import (
+from implicit_layers.checks import check_tensor
+from implicit_layers.linalg.kkt.equality import (
     SMALL_KKT_NUMEL,
     KKTFactors,
     factor_kind,

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.core.checks import check_same_dtype_device, check_tensor
-from implicit_layers.core.stats import LayerStats, SolverStats
-from implicit_layers.layers.eq_qp_dense import DenseKKTBackend
-from implicit_layers.layers.eq_qp_osqp import OSQPBackend
-from implicit_layers.layers.eq_qp_sparse import SparseKKTBackend, is_sparse
+from implicit_layers.checks import check_same_dtype_device, check_tensor
+from implicit_layers.layers.eq_qp.dense import DenseKKTBackend
+from implicit_layers.layers.eq_qp.osqp import OSQPBackend
+from implicit_layers.layers.eq_qp.sparse import SparseKKTBackend, is_sparse
+from implicit_layers.stats import LayerStats, SolverStats
 
 BACKENDS = {"dense": DenseKKTBackend, "sparse": SparseKKTBackend, "osqp": OSQPBackend}
 

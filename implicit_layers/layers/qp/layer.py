@@ -4,7 +4,7 @@
 
 returning the primal solution ``x`` and the multipliers ``λ`` (equalities), ``μ ≥ 0``
 (inequalities). The forward pass runs a solver (default :class:`InteriorPoint`, torch only;
-:class:`~implicit_layers.layers.qp_osqp.OSQP` on CPU); the backward and the JVP apply the
+:class:`~implicit_layers.solvers.qp.osqp.OSQP` on CPU); the backward and the JVP apply the
 implicit function theorem to the KKT conditions at the solution,
 
     F(z, θ) = [ Qx + c + Aᵀλ + Gᵀμ ;  Ax − b ;  μ ∘ (Gx − h) ] = 0,     z = (x, λ, μ).
@@ -39,11 +39,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.core.checks import check_policy, check_same_dtype_device, check_tensor
-from implicit_layers.core.stats import LayerStats, enforce
-from implicit_layers.layers.qp_kkt_solve import KKTSolve
-from implicit_layers.linalg.kkt import _mv
-from implicit_layers.solvers.interior_point import InteriorPoint, QPSolution, QPStatus
+from implicit_layers.checks import check_policy, check_same_dtype_device, check_tensor
+from implicit_layers.layers.qp.kkt_solve import KKTSolve
+from implicit_layers.linalg.kkt.inequality import _mv
+from implicit_layers.solvers.qp import InteriorPoint, QPSolution, QPStatus
+from implicit_layers.stats import LayerStats, enforce
 
 
 def _outer(u: Tensor, v: Tensor) -> Tensor:
@@ -126,7 +126,7 @@ class QPLayer(nn.Module):
 
     Args:
         solver: the forward solver, :class:`InteriorPoint` (default; torch, CPU/CUDA) or
-            :class:`~implicit_layers.layers.qp_osqp.OSQP` (CPU, sparse-friendly).
+            :class:`~implicit_layers.solvers.qp.osqp.OSQP` (CPU, sparse-friendly).
         on_failure: ``"raise"`` (default) or ``"warn"``; see the module docstring.
 
     ``forward(Q, c, A=None, b=None, G=None, h=None) -> (x, lam, mu)`` with ``Q (*, n, n)``
@@ -151,7 +151,7 @@ class QPLayer(nn.Module):
     @classmethod
     def from_cvxpy(cls, problem, parameters, variables, **kwargs):
         """Build a layer from a parametrized cvxpy QP; see :class:`CvxpyQPLayer`."""
-        from implicit_layers.layers.qp_cvxpy import CvxpyQPLayer
+        from implicit_layers.layers.qp.cvxpy import CvxpyQPLayer
 
         return CvxpyQPLayer(problem, parameters, variables, layer=cls(**kwargs))
 

@@ -4,10 +4,10 @@ whitened ones when ``Q`` is positive definite.
     min_x ½ xᵀQx + cᵀx   s.t.  C x ⋚ d,   C = [A; G],  d = [b; h]   (first p rows equalities)
 
 :class:`PrimalData` keeps ``x``; its Newton systems are factored as ``Q + GᵀW⁻¹G``
-(:mod:`implicit_layers.linalg.kkt`). :class:`WhitenedData` substitutes ``x = L⁻ᵀx̃`` with
+(:mod:`implicit_layers.linalg.kkt.inequality`). :class:`WhitenedData` substitutes ``x = L⁻ᵀx̃`` with
 ``Q = LLᵀ``: the problem becomes ``min ½‖x̃‖² + (L⁻¹c)ᵀx̃ s.t. (C L⁻ᵀ) x̃ ⋚ d``, so ``Q`` drops
 out of every product, and its systems are factored in the reduced order of
-:mod:`implicit_layers.linalg.kkt_reduced`, whose ``U = C L⁻ᵀ`` is the whitened constraint
+:mod:`implicit_layers.linalg.kkt.reduced`, whose ``U = C L⁻ᵀ`` is the whitened constraint
 matrix itself. Objective, constraint values, multipliers and slacks are the same in both
 coordinates; only dual-space vectors change, ``r_d = L r̃_d``, and the stopping test measures them
 in the original coordinates.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from implicit_layers.linalg.kkt import QPKKTFactor, _mv, _tri, factor_qp_kkt
-from implicit_layers.linalg.kkt_reduced import ReducedQPKKT, ReducedQPKKTFactor, reduce_qp_kkt
+from implicit_layers.linalg.kkt.inequality import QPKKTFactor, _mv, _tri, factor_qp_kkt
+from implicit_layers.linalg.kkt.reduced import ReducedQPKKT, ReducedQPKKTFactor, reduce_qp_kkt
 
 
 def _inf(t: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Choosing and running a backend for Sylvester-type operators (see :mod:`.sylvester_operator`).
+"""Choosing and running a backend for Sylvester-type operators (see :mod:`.operator`).
 
 ``backend="schur"`` is Bartels–Stewart on the real Schur form (SciPy/LAPACK, CPU only);
 ``backend="eig"`` diagonalizes with ``torch.linalg.eig`` (batched, any device); ``"auto"``
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from implicit_layers.linalg.eig_sylvester import EigSylvester, IllConditionedEigenbasis
-from implicit_layers.linalg.schur import SchurSylvester
-from implicit_layers.linalg.sylvester_operator import KINDS, SylvesterFactorization
+from implicit_layers.linalg.sylvester.eig import EigSylvester, IllConditionedEigenbasis
+from implicit_layers.linalg.sylvester.operator import KINDS, SylvesterFactorization
+from implicit_layers.linalg.sylvester.schur import SchurSylvester
 
 BACKENDS = ("auto", "schur", "eig")
 
@@ -50,7 +50,7 @@ def factor_sylvester(
         b_is_a_transposed: promise that ``B = Aᵀ`` (Lyapunov): ``A`` is factored once.
         rcond: singularity threshold, see :func:`check_separation`.
         eig_max_cond: eig backend's bound on ``‖V‖_F ‖V⁻¹‖_F``, see
-            :class:`~implicit_layers.linalg.eig_sylvester.EigSylvester`.
+            :class:`~implicit_layers.linalg.sylvester.eig.EigSylvester`.
 
     Raises:
         SingularSystemError: ``L`` is (nearly) singular, or ``backend="eig"`` and ``A`` or

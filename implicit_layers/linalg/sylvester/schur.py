@@ -27,7 +27,7 @@ from scipy.linalg import get_lapack_funcs
 from torch import Tensor
 
 from implicit_layers.errors import ConvergenceError, SingularSystemError
-from implicit_layers.linalg.sylvester_operator import SylvesterFactorization, check_separation
+from implicit_layers.linalg.sylvester.operator import SylvesterFactorization, check_separation
 
 
 @lru_cache(maxsize=64)

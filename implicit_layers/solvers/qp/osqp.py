@@ -8,7 +8,7 @@ not fit.
 The backward and JVP use the same derivative KKT matrix as the interior point, at the
 active-set limit ``s/μ → 0`` (active) and ``s/μ → ∞`` (inactive). With the active set
 ``𝒜 = {i: sᵢ ≤ active_tol}`` the inactive rows reduce to ``μ̇ᵢ = 0`` and drop out, which is
-the matrix of :mod:`~implicit_layers.layers.qp_kkt_solve` with
+the matrix of :mod:`~implicit_layers.layers.qp.kkt_solve` with
 
     G ← diag(𝟙_𝒜) G,   w = 𝟙 − 𝟙_𝒜,   and block-3 right-hand sides masked by 𝟙_𝒜,
 
@@ -23,9 +23,9 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from implicit_layers.core.stats import SolverStats
 from implicit_layers.linalg.dense import lu_factor
-from implicit_layers.solvers.interior_point import QPSolution, QPStatus
+from implicit_layers.solvers.qp.base import QPSolution, QPSolver, QPStatus
+from implicit_layers.stats import SolverStats
 
 _STATUS = {1: QPStatus.SOLVED, 3: QPStatus.INFEASIBLE, 4: QPStatus.INFEASIBLE,
            5: QPStatus.UNBOUNDED, 6: QPStatus.UNBOUNDED, 7: QPStatus.MAX_ITER}
@@ -57,7 +57,7 @@ class ActiveSetKKTFactor:
         return out
 
 
-class OSQP:
+class OSQP(QPSolver):
     """OSQP forward solver (CPU; sparse) for :class:`~implicit_layers.QPLayer`.
 
     Args:

@@ -1,6 +1,6 @@
 """The QP KKT matrix reduced to the inequality multipliers, for positive definite ``Q``.
 
-Same matrix as :mod:`implicit_layers.linalg.kkt`,
+Same matrix as :mod:`implicit_layers.linalg.kkt.inequality`,
 
     M = [ Q   Aᵀ  Gᵀ ]
         [ A   0   0  ]        W = diag(w), w > 0,
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from implicit_layers.linalg.kkt import PerSampleFactor, _mv, _tri, cholesky_lower
+from implicit_layers.linalg.kkt.inequality import PerSampleFactor, _mv, _tri, cholesky_lower
 
 # largest estimated condition number of Q (or A Q⁻¹ Aᵀ) to eliminate through: the reduced
 # order's errors grow with it (x = L⁻ᵀx̃), the other order's much less near the solution
@@ -113,9 +113,9 @@ def reduce_qp_kkt(Q: Tensor, A: Tensor, G: Tensor) -> ReducedQPKKT | None:
 @dataclass
 class ReducedQPKKTFactor(PerSampleFactor):
     """A factorization of ``M`` in the reduced order; same interface as
-    :class:`~implicit_layers.linalg.kkt.QPKKTFactor`, except that :meth:`solve_and_product`
+    :class:`~implicit_layers.linalg.kkt.inequality.QPKKTFactor`, except that :meth:`solve_and_product`
     works in the whitened coordinates ``x̃ = Lᵀx`` in which an interior point iterates
-    (see :mod:`implicit_layers.solvers.qp_data`): there ``Q = I`` and ``[A; G] = U``."""
+    (see :mod:`implicit_layers.solvers.qp.data`): there ``Q = I`` and ``[A; G] = U``."""
 
     base: ReducedQPKKT
     LK: Tensor     # (B, m, m) Cholesky factor of K

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.adjoint import Adjoint
-from implicit_layers.core.stats import SolverStats
+from implicit_layers.stats import SolverStats
 
 
 class PhantomAdjoint(Adjoint):

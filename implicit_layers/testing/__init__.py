@@ -1,0 +1,1 @@
+"""Problem generators with known solutions, shared by the tests and the benchmarks."""
