@@ -7,7 +7,8 @@ solver outside the autograd graph; the backward pass solves ``(∂_y f)ᵀ w = �
 
 from implicit_layers import functional
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint, FixedPointAdjoint, KrylovAdjoint
-from implicit_layers.core.implicit import ImplicitFunction, ImplicitLayer
+from implicit_layers.core.implicit import ImplicitFunction
+from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.errors import (
     ConvergenceError,
     ConvergenceWarning,

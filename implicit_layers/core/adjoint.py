@@ -26,6 +26,7 @@ from implicit_layers.linalg.base import LinearSolver
 from implicit_layers.linalg.dense import LU
 from implicit_layers.linalg.krylov import GMRES, KrylovSolver
 from implicit_layers.solvers.base import RootProblem, RootSolver
+from implicit_layers.solvers.picard import Picard
 from implicit_layers.stats import SolverStats
 
 
@@ -79,8 +80,8 @@ class DirectAdjoint(Adjoint):
                              "use KrylovAdjoint for matrix-free solvers")
 
     def solve(self, lin, rhs, transpose):
-        fac = lin.problem.cached(
-            lin.key(f"direct:{id(self)}"),
+        fac = lin.cached(
+            f"direct:{id(self)}",
             lambda: self.solver.factor(lin.operator(), what="the Jacobian ∂f/∂y at the solution"),
         )
         sol = fac.solve(lin.flatten(rhs), transpose=transpose).reshape(rhs.shape)
@@ -138,11 +139,7 @@ class FixedPointAdjoint(Adjoint):
     """
 
     def __init__(self, solver: RootSolver | None = None):
-        if solver is None:
-            from implicit_layers.solvers.picard import Picard
-
-            solver = Picard()
-        self.solver = solver
+        self.solver = solver if solver is not None else Picard()
 
     def solve(self, lin, rhs, transpose):
         op = lin.operator()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linearization import Linearization
-from implicit_layers.core.problem import ImplicitProblem
+from implicit_layers.core.problem import ImplicitProblem, align_batch_dims
 from implicit_layers.stats import enforce
 
 
@@ -60,7 +60,11 @@ def _products(problem: ImplicitProblem, transpose: bool, v: Tensor):
 
 
 class LinearSolve(torch.autograd.Function):
-    """``LinearSolve.apply(problem, transpose, b, *z) = K(z)⁻¹ b`` (see the module docstring)."""
+    """``LinearSolve.apply(problem, transpose, b, *z) = K(z)⁻¹ b`` (see the module docstring).
+
+    The one differentiable factored solve of the package: the numerical solve is the
+    problem's adjoint (which reuses the forward solver's factorization where it has one), the
+    operator's products ``K(z) v`` are JVPs/VJPs of the residual."""
 
     @staticmethod
     def forward(problem: ImplicitProblem, transpose: bool, rhs: Tensor, *z: Tensor) -> Tensor:
@@ -68,7 +72,7 @@ class LinearSolve(torch.autograd.Function):
         sol, stats = problem.adjoint.solve(lin, rhs, transpose)
         phase, what = ("backward", "adjoint solve (∂f/∂y)ᵀ w = ȳ") if transpose else (
             "tangent", "tangent solve (∂f/∂y) ẏ = −(∂f/∂x) ẋ")
-        setattr(problem.stats, phase, enforce(stats, problem.on_failure, what))
+        setattr(problem.stats, phase, enforce(stats, problem.on_failure, f"{problem.name}: {what}"))
         return sol.clone() if any(sol is t for t in (rhs, *z)) else sol
 
     @staticmethod
@@ -107,14 +111,23 @@ class LinearSolve(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, problem, transpose, rhs, *z):
         rhs_dim, z_dims = in_dims[2], in_dims[3:]
-        rhs = rhs.movedim(rhs_dim, 0) if rhs_dim is not None else rhs.expand(info.batch_size, *rhs.shape)
+        V = info.batch_size
+        rhs = rhs.movedim(rhs_dim, 0) if rhs_dim is not None else rhs.expand(V, *rhs.shape)
         if all(d is None for d in z_dims):
             # Only the right-hand side is batched: one factorization serves every column.
             return LinearSolve.apply(problem, transpose, rhs, *z), 0
-        z = tuple(
-            t.movedim(d, 0) if d is not None else (
-                t.expand(info.batch_size, *t.shape) if i == problem.n_x else t)
-            for i, (t, d) in enumerate(zip(z, z_dims))
-        )
-        dims = tuple(0 if (d is not None or i == problem.n_x) else None for i, d in enumerate(z_dims))
-        return LinearSolve.apply(problem.vmapped(dims, info.randomness), transpose, rhs, *z), 0
+        n_x = problem.n_x
+        y_dim = z_dims[n_x]
+        y = z[n_x].movedim(y_dim, 0) if y_dim is not None else z[n_x].expand(V, *z[n_x].shape)
+        others = z[:n_x] + z[n_x + 1:]
+        other_dims = z_dims[:n_x] + z_dims[n_x + 1:]
+        if problem.broadcasts:
+            xs = align_batch_dims(z[:n_x], z_dims[:n_x], problem.x_event_ndims)
+            params = tuple(t.movedim(d, 0) if d is not None else t
+                           for t, d in zip(z[n_x + 1:], z_dims[n_x + 1:]))
+        else:
+            moved = tuple(t.movedim(d, 0) if d is not None else t for t, d in zip(others, other_dims))
+            xs, params = moved[:n_x], moved[n_x:]
+        dims = tuple(0 if (d is not None or i == n_x) else None for i, d in enumerate(z_dims))
+        vproblem = problem.vmapped(dims, info.randomness)
+        return LinearSolve.apply(vproblem, transpose, rhs, *xs, y, *params), 0

@@ -23,7 +23,8 @@ class Linearization:
         problem: the :class:`ImplicitProblem`.
         y: the point.
         n: unknowns per sample; ``batch_shape``: the samples.
-        aux: data the forward solver left for reuse (e.g. a factorization), or None.
+        aux: data the forward solver left for reuse (e.g. a factorization), or None (always
+            None for a problem derived under ``vmap``, whose point is new).
     """
 
     def __init__(self, problem: ImplicitProblem, z: tuple[Tensor, ...]):
@@ -33,11 +34,12 @@ class Linearization:
         self.root_problem = RootProblem(self.f_y, problem.event_ndim)
         self.batch_shape = self.root_problem.batch_shape(self.y)
         self.n = self.y.shape[len(self.batch_shape):].numel()
-        self.aux = problem.cache.get(problem.cache_key("forward_aux", z))
+        self.aux = problem.aux
         self._vjp = None
 
-    def key(self, tag: str):
-        return self.problem.cache_key(tag, self.z)
+    def cached(self, tag: str, make):
+        """``make()`` computed once for this point (see :meth:`ImplicitProblem.cached`)."""
+        return self.problem.cached(tag, self.z, make)
 
     def _jvp(self, v: Tensor) -> Tensor:
         return jvp(self.f_y, (self.y,), (v,))[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from implicit_layers.core.adjoint import Adjoint
-from implicit_layers.core.implicit import ImplicitLayer
+from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.solvers.base import RootSolver
 from implicit_layers.solvers.newton import Newton
 

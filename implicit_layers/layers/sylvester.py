@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.checks import check_same_dtype_device, check_tensor
+from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.linalg.sylvester.factor import BACKENDS, factor_sylvester
 from implicit_layers.linalg.sylvester.operator import SylvesterFactorization
 from implicit_layers.stats import LayerStats, SolverStats

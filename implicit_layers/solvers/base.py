@@ -41,12 +41,15 @@ class RootProblem:
             accurate to evaluate directly (a DEQ cell); defaults to ``y + f(y)``.
         objective: optional ``y ↦ φ(y)``, one value per sample (shape = batch shape), whose
             gradient in ``y`` is the residual: minimizers descend it (an argmin layer).
+        data: the layer's inputs, for solvers of structured problems (a QP solver reads
+            ``Q, c, A, b, ...`` from it); generic solvers ignore it.
     """
 
     residual: Callable[[Tensor], Tensor]
     event_ndim: int = 1
     fixed_point_map: Callable[[Tensor], Tensor] | None = None
     objective: Callable[[Tensor], Tensor] | None = None
+    data: tuple[Tensor, ...] = ()
 
     def g(self, y: Tensor) -> Tensor:
         if self.fixed_point_map is not None:

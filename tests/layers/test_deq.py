@@ -249,7 +249,7 @@ def test_bad_input():
     layer = il.DEQLayer(cell)
     with pytest.raises(ValueError, match="x"):
         layer(torch.tensor([[1.0, float("nan"), 0.0]], dtype=D64))
-    with pytest.raises(ValueError, match="y0"):
+    with pytest.raises(ValueError, match="z0"):
         layer(torch.ones(1, 3, dtype=D64), torch.ones(1, 3, dtype=torch.float32))
     with pytest.raises(ValueError, match="cell"):
         il.DEQLayer("not a cell")

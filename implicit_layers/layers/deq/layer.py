@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.adjoint import Adjoint, FixedPointAdjoint
-from implicit_layers.core.implicit import ImplicitLayer
+from implicit_layers.core.compat import is_wrapped
+from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.deq.stability import (
     jacobian_frobenius_estimate,
     spectral_radius,
@@ -113,6 +114,9 @@ class DEQLayer(ImplicitLayer):
         )
         self.warn_residual = warn_residual
 
+    def _y0_name(self) -> str:
+        return "z0"
+
     @property
     def cell(self) -> Callable:
         return self.fn.fixed_point_map
@@ -121,7 +125,7 @@ class DEQLayer(ImplicitLayer):
         """Solve ``z = cell(x, z)`` from ``z0`` (default ``init(x)``); returns ``z*``."""
         z = super().forward(x, z0)
         if (self.warn_residual is not None and z.requires_grad and self.stats.forward is not None
-                and not torch._C._functorch.is_functorch_wrapped_tensor(z)):
+                and not is_wrapped(z)):
             warn_off_equilibrium(self.stats.forward.residual, z, self.warn_residual,
                                  self.event_ndim, where=type(self).__name__)
         return z

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd import Function
 
-from implicit_layers.checks import check_tensor
+from implicit_layers.core.checks import check_tensor
 from implicit_layers.linalg.kkt.equality import (
     SMALL_KKT_NUMEL,
     KKTFactors,

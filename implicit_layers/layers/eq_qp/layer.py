@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.checks import check_same_dtype_device, check_tensor
+from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.layers.eq_qp.dense import DenseKKTBackend
 from implicit_layers.layers.eq_qp.osqp import OSQPBackend
 from implicit_layers.layers.eq_qp.sparse import SparseKKTBackend, is_sparse

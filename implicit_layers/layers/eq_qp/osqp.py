@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function, forward_ad
 
-from implicit_layers.checks import check_policy
+from implicit_layers.core.checks import check_policy
 from implicit_layers.layers.eq_qp.dense import _FactoredKKTSolve, sym
 from implicit_layers.linalg.kkt.equality import factor_kkt
 from implicit_layers.stats import SolverStats, enforce

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from implicit_layers.checks import check_same_dtype_device, check_tensor
+from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.kkt.equality import tangent_rhs
 from implicit_layers.linalg.sparse import SparseSaddleLDL

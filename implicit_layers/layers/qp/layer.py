@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.checks import check_policy, check_same_dtype_device, check_tensor
+from implicit_layers.core.checks import check_policy, check_same_dtype_device, check_tensor
 from implicit_layers.layers.qp.kkt_solve import KKTSolve
 from implicit_layers.linalg.kkt.inequality import _mv
 from implicit_layers.solvers.qp import InteriorPoint, QPSolution, QPStatus

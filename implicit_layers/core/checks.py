@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from implicit_layers.core.compat import is_wrapped
+
 FAILURE_POLICIES = ("raise", "warn")
+#: dtypes the solvers support: half precision lacks the range and the LAPACK kernels
+DTYPES = (torch.float32, torch.float64)
 
 
 def check_tensor(name: str, t, *, min_ndim: int = 0, finite: bool = True) -> Tensor:
@@ -17,11 +23,11 @@ def check_tensor(name: str, t, *, min_ndim: int = 0, finite: bool = True) -> Ten
     """
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must have a floating dtype (float32/float64), got {t.dtype}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name} must have a floating dtype float32 or float64, got {t.dtype}")
     if t.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
-    if finite and not _is_functorch_wrapped(t) and not _all_finite(t):
+    if finite and not is_wrapped(t) and not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
     return t
 
@@ -43,11 +49,26 @@ def check_policy(on_failure: str) -> str:
     return on_failure
 
 
-def _is_functorch_wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def _all_finite(t: Tensor) -> bool:
-    """One reduction on the common path: a finite sum proves every entry finite; only an
-    infinite or NaN sum (which overflow can also cause) needs the elementwise check."""
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. One reduction on the common path: a finite
+    sum proves every entry finite; only an infinite or NaN sum (which overflow can also
+    cause) needs the elementwise check."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_positive(name: str, value, *, allow_none: bool = True, allow_zero: bool = False):
+    """A finite positive number (or None where allowed); ``ValueError`` naming it otherwise."""
+    if value is None and allow_none:
+        return value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
+
+
+def check_count(name: str, value, *, minimum: int = 1):
+    """An integer ``>= minimum``; ``ValueError`` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value

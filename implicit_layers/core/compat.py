@@ -1,0 +1,84 @@
+"""The only module that touches private torch internals; each use says why and where checked.
+
+Checked against torch 2.3 – 2.13 (CPU build 2.13.0 in CI). If a torch release moves one of
+these, only this file needs to change.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+from torch import Tensor, nn
+
+
+def is_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` wrapper (under ``vmap``/``grad``/``jvp``).
+
+    Why: value checks (``bool(isfinite(t).all())``) are data-dependent control flow, which
+    ``vmap`` forbids, and factorizations computed from wrappers must not be cached across
+    transform levels. No public API tells a wrapper apart (torch 2.13)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def any_wrapped(*tensors: Tensor) -> bool:
+    return any(is_wrapped(t) for t in tensors)
+
+
+def in_forward_ad() -> bool:
+    """Whether a classic ``torch.autograd.forward_ad.dual_level()`` is open.
+
+    Why: ``torch.func.jvp`` refuses to nest inside it ("Nested forward mode AD is not
+    supported", torch 2.13), so :func:`implicit_layers.core.jvp.jvp` takes another route there.
+    ``forward_ad`` has no public query for the current level."""
+    return forward_ad._current_level >= 0
+
+
+#: One lock for every swap: evaluating a module with other parameters is a critical section.
+_SWAP_LOCK = threading.RLock()
+
+
+def parameter_slots(module: nn.Module, params: tuple[Tensor, ...]) -> list[tuple[nn.Module, str, int]]:
+    """Every ``(submodule, name)`` that holds one of ``params``, with the parameter's index.
+
+    A module reachable along two paths (a DEQ cell that is both the residual's and the
+    fixed-point map's) is listed once, so swapping cannot stack on itself."""
+    index = {id(p): i for i, p in enumerate(params)}
+    return [(m, name, index[id(p)]) for m in module.modules()
+            for name, p in m._parameters.items() if p is not None and id(p) in index]
+
+
+@contextmanager
+def swapped_parameters(slots, values: tuple[Tensor, ...]) -> Iterator[None]:
+    """Evaluate a module with ``values`` in place of its parameters, restoring them after.
+
+    Why: the parameters of a residual that is an ``nn.Module`` are inputs of the autograd
+    functions; inside ``torch.func`` transforms and the backward they must be replaced by the
+    functions' (possibly wrapped) inputs for the duration of one evaluation. This writes
+    ``Module._parameters`` (private, stable since torch 1.0) directly instead of
+    ``torch.func.functional_call``, which restores tied names first-in-first-out and leaves a
+    plain tensor behind when one submodule is registered twice (torch 2.13). A re-entrant lock
+    makes the swap-evaluate-restore atomic across threads, so a layer may be called from
+    several threads at once (each evaluation then runs alone)."""
+    with _SWAP_LOCK:
+        saved = []
+        try:
+            for m, name, i in slots:
+                saved.append((m, name, m._parameters[name]))
+                m._parameters[name] = values[i]
+            yield
+        finally:
+            for m, name, p in reversed(saved):
+                m._parameters[name] = p
+
+
+def compiler_disable(fn):
+    """Keep ``torch.compile`` out of ``fn``: the solve runs eagerly (a graph break).
+
+    Why: tracing a solver loop specializes its data-dependent branches and lets the compiler
+    change its arithmetic, i.e. run a different algorithm than eager; an implicit layer's
+    solve must stay opaque to the compiler. ``torch.compiler.disable`` is public since 2.1."""
+    return torch.compiler.disable(fn, recursive=True)
