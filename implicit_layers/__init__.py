@@ -6,7 +6,13 @@ solver outside the autograd graph; the backward pass solves ``(∂_y f)ᵀ w = �
 """
 
 from implicit_layers import functional
-from implicit_layers.core.adjoint import Adjoint, DirectAdjoint, FixedPointAdjoint, KrylovAdjoint
+from implicit_layers.core.adjoint import (
+    Adjoint,
+    DirectAdjoint,
+    FactorizationAdjoint,
+    FixedPointAdjoint,
+    KrylovAdjoint,
+)
 from implicit_layers.core.implicit import ImplicitFunction
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.errors import (
@@ -51,7 +57,8 @@ __all__ = [
     "RootSolver", "RootProblem", "SolveResult", "Newton", "Broyden", "Picard", "Anderson",
     "ScipyRoot", "QPSolver", "InteriorPoint", "QPStatus", "OSQP",
     # adjoints (how backward / JVP systems are solved)
-    "Adjoint", "DirectAdjoint", "KrylovAdjoint", "FixedPointAdjoint", "PhantomAdjoint",
+    "Adjoint", "DirectAdjoint", "KrylovAdjoint", "FixedPointAdjoint", "FactorizationAdjoint",
+    "PhantomAdjoint",
     "JacobianFreeAdjoint",
     # QP backends
     "DenseKKTBackend", "SparseKKTBackend", "OSQPBackend",

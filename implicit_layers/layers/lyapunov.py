@@ -3,13 +3,14 @@
     continuous:  A P + P Aᵀ + Q = 0        (Sylvester with B = Aᵀ, C = −Q)
     discrete:    A P Aᵀ − P + Q = 0        (Stein with B = Aᵀ, C = −Q)
 
-Both are :class:`~implicit_layers.layers.sylvester.SylvesterSolve` with ``B = Aᵀ``: one
+Both are :class:`~implicit_layers.layers.sylvester.SylvesterTypeLayer` with ``B = Aᵀ``: one
 spectral factorization of ``A`` (real Schur form or eigendecomposition) serves the forward
 solve, the adjoint solve of the backward pass and the tangent solve of forward mode.
 
-Derivation (continuous; the chain rule through ``B = Aᵀ``, ``C = −Q`` is left to autograd
-but spelled out here). Pushforward: ``A Ṗ + Ṗ Aᵀ + (Ȧ P + P Ȧᵀ + Q̇) = 0``, another
-Lyapunov equation with the same operator. Pullback: with ``W`` solving
+Derivation (continuous; the generic backward differentiates the residual
+``f = A P + P Aᵀ + Q``, which is this computation). Pushforward:
+``A Ṗ + Ṗ Aᵀ + (Ȧ P + P Ȧᵀ + Q̇) = 0``, another Lyapunov equation with the same operator.
+Pullback: with ``W`` solving
 ``Aᵀ W + W A + P̄ = 0`` (the adjoint operator, i.e. the transposed triangular solve),
 
     ⟨P̄, Ṗ⟩ = ⟨W, Ȧ P + P Ȧᵀ + Q̇⟩ = ⟨W Pᵀ + Wᵀ P, Ȧ⟩ + ⟨W, Q̇⟩
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from implicit_layers.layers.sylvester import SylvesterTypeLayer, check_sylvester_inputs
+from implicit_layers.layers.sylvester import SylvesterTypeLayer
 
 
 class LyapunovLayer(SylvesterTypeLayer):
@@ -60,9 +61,20 @@ class LyapunovLayer(SylvesterTypeLayer):
     torch.Size([2, 2])
     """
 
+    kind, names, b_is_a_transposed = "continuous", ("A", "Q"), True
+
+    @staticmethod
+    def residual(x, P):
+        A, Q = x
+        return A @ P + P @ A.mT + Q
+
+    @staticmethod
+    def operands(x):
+        A, Q = x
+        return A, A.mT, -Q
+
     def forward(self, A: Tensor, Q: Tensor) -> Tensor:
-        check_sylvester_inputs(A, A, Q, names=("A", "A", "Q"))
-        return self._solve(A, A.mT, -Q, "continuous", True, ("A", "A", "Q"))
+        return self._call(A, Q)
 
 
 class DiscreteLyapunovLayer(SylvesterTypeLayer):
@@ -80,9 +92,20 @@ class DiscreteLyapunovLayer(SylvesterTypeLayer):
     True
     """
 
+    kind, names, b_is_a_transposed = "stein", ("A", "Q"), True
+
+    @staticmethod
+    def residual(x, P):
+        A, Q = x
+        return A @ P @ A.mT - P + Q
+
+    @staticmethod
+    def operands(x):
+        A, Q = x
+        return A, A.mT, -Q
+
     def forward(self, A: Tensor, Q: Tensor) -> Tensor:
-        check_sylvester_inputs(A, A, Q, names=("A", "A", "Q"))
-        return self._solve(A, A.mT, -Q, "stein", True, ("A", "A", "Q"))
+        return self._call(A, Q)
 
 
 def lyapunov(A: Tensor, Q: Tensor, *, backend: str = "auto") -> Tensor:
