@@ -47,9 +47,10 @@ class ImplicitFunction(torch.autograd.Function):
         xs, params = tensors[: problem.n_x], tensors[problem.n_x :]
         names = problem.x_names or (("x",) if problem.n_x == 1 else
                                     tuple(f"x[{i}]" for i in range(problem.n_x)))
-        for name, x in zip(names, xs):  # values: here, on plain tensors, once per call
-            check_tensor(name, x)
-        check_tensor(problem.y0_name, y0)
+        if problem.check_inputs:  # values: here, on plain tensors, once per call
+            for name, x in zip(names, xs):
+                check_tensor(name, x)
+            check_tensor(problem.y0_name, y0)
         if y0.numel() == 0:  # nothing to solve: an empty batch or a zero-size unknown
             batch = y0.shape[: y0.ndim - problem.event_ndim]
             problem.stats.forward = SolverStats.exact("empty", batch, device=y0.device)

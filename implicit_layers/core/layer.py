@@ -133,14 +133,18 @@ class ImplicitLayer(nn.Module):
 
     @compiler_disable
     def _solve(self, xs: tuple[Tensor, ...], y0: Tensor, params: tuple[Tensor, ...] = (), *,
-               packed: bool = True, sample_check: bool = True, **problem_options) -> Tensor:
+               packed: bool = True, sample_check: bool = True, residual=None, solver=None,
+               **problem_options) -> Tensor:
         """Build this call's :class:`ImplicitProblem` and apply the implicit function.
-        ``problem_options`` are further fields of the problem (structured layers pass
-        ``broadcasts``, ``x_event_ndims``, ``input_pullback``, ...)."""
+        ``residual`` (``(xs, y) ↦ f``, no parameters) and ``solver`` replace the layer's for
+        this call; ``problem_options`` are further fields of the problem (structured layers
+        pass ``broadcasts``, ``x_event_ndims``, ``input_pullback``, ...)."""
         self.stats = LayerStats()
+        fn = (self.fn.functional("residual", packed, params) if residual is None
+              else lambda xs_, y, ps: residual(xs_, y))
         problem = ImplicitProblem(
-            fn=self.fn.functional("residual", packed, params), n_x=len(xs),
-            event_ndim=self.event_ndim, solver=self.solver, adjoint=self.adjoint,
+            fn=fn, n_x=len(xs), event_ndim=self.event_ndim,
+            solver=self.solver if solver is None else solver, adjoint=self.adjoint,
             on_failure=self.on_failure, stats=self.stats, name=type(self).__name__,
             fixed_point_fn=self.fn.functional("fixed_point_map", packed, params),
             objective_fn=self.fn.functional("objective", packed, params),

@@ -46,6 +46,8 @@ class ImplicitProblem:
         sample_check: ``(residual_of_y, y) ↦ None``, raising when the samples of ``y``
             interact (see :mod:`~implicit_layers.core.independence`), or None.
         check_gradients: raise when the backward returns NaN/Inf from a finite cotangent.
+        check_inputs: reject NaN/Inf inputs before the solve (a solver that detects them
+            itself, at no extra cost, turns this off).
         input_pullback: optional closed form of ``−(∂f/∂z_i)ᵀ w`` (a speed override of the
             generic VJP; it must be differentiable for double backward).
         aux: what the forward solver left for the adjoint (e.g. a factorization at ``y*``).
@@ -68,6 +70,7 @@ class ImplicitProblem:
     x_event_ndims: tuple[int, ...] = ()
     sample_check: Any = None
     check_gradients: bool = True
+    check_inputs: bool = True
     input_pullback: InputPullback | None = None
     aux: Any = None
     cache: dict = field(default_factory=dict)

@@ -51,24 +51,24 @@ def test_gradgradcheck_and_forward_mode():
 
 def test_warm_start_reduces_iterations():
     Q, c, A, b = random_qp((4,), n=20, m=8)
-    backend = il.OSQPBackend(eps_abs=1e-8, eps_rel=1e-8, polishing=False)
-    backend(Q, c, A, b)
-    cold = backend.stats.iterations.clone()
-    backend(Q, c + 1e-6, A, b)  # a nearby problem, started from the previous solution
-    warm = backend.stats.iterations
+    layer = il.EqualityQPLayer(il.OSQPBackend(eps_abs=1e-8, eps_rel=1e-8, polishing=False))
+    layer(Q, c, A, b)
+    cold = layer.stats.forward.iterations.clone()
+    layer(Q, c + 1e-6, A, b)  # a nearby problem, started from the previous solution
+    warm = layer.stats.forward.iterations
     assert bool((warm < cold).all())
-    assert backend.stats.all_converged
+    assert layer.stats.forward.all_converged
 
 
 def test_backward_reuses_the_forward_factorization(monkeypatch):
     calls = count_calls(monkeypatch, ("cholesky_ex", "ldl_factor_ex"))
     Q, c, A, b = random_qp((2,), n=5, m=2)
-    x, lam = il.EqualityQPLayer("osqp")(Q, c, A, b)  # no gradient needed: no factorization
+    x, lam = il.EqualityQPLayer("osqp")(Q, c, A, b)  # no derivative taken: no factorization
     assert calls["n"] == 0
     inputs = [t.clone().requires_grad_() for t in (Q, c, A, b)]
     x, lam = il.EqualityQPLayer("osqp")(*inputs)
-    assert calls["n"] == 2
     grads = torch.autograd.grad(x.sum() + lam.sum(), inputs, create_graph=True)
+    assert calls["n"] == 2  # Cholesky of Q and of the Schur complement, once
     sum(g.sum() for g in grads).backward()
     assert calls["n"] == 2
     assert isinstance(il.EqualityQPLayer("osqp").resolve(Q, A), il.OSQPBackend)

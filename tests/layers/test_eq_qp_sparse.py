@@ -87,11 +87,12 @@ def test_gradcheck_and_gradgradcheck_on_values():
 def test_forward_mode_matches_finite_differences():
     Q, c, A, b = banded_qp(n=6, m=2)
     backend = il.SparseKKTBackend()
-    Qv, Av, problem = backend.prepare(Q, c, A, b)
+    Qv, c, Av, b, problem = backend.prepare(Q, c, A, b)
     g = torch.Generator().manual_seed(0)
     vals = (Qv, c, Av, b)
     tangents = [torch.randn(v.shape, generator=g, dtype=DT) for v in vals]
-    f = lambda Qv, c, Av, b: backend.solve(Qv, c, Av, b, problem)  # noqa: E731
+    layer = il.EqualityQPLayer(backend)
+    f = lambda Qv, c, Av, b: layer.sparse_values(Qv, c, Av, b, problem)  # noqa: E731
     with forward_ad.dual_level():
         outs = f(*[forward_ad.make_dual(v, t) for v, t in zip(vals, tangents, strict=True)])
         ad = [forward_ad.unpack_dual(o).tangent for o in outs]

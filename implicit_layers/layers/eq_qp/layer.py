@@ -3,9 +3,21 @@
     x*(Q, c, A, b) = argmin_x ½ xᵀQx + cᵀx   s.t.  Ax = b
     KKT:  Qx + c + Aᵀλ = 0,  Ax = b         →  outputs (x, λ)
 
-Gradients flow from x and λ to all four inputs through the implicit function theorem on the
-KKT system; every backend factors the KKT matrix once and reuses the factorization for the
-backward, the JVP and higher derivatives. Q is read as its symmetric part ``(Q + Qᵀ)/2``
+An :class:`~implicit_layers.ImplicitLayer` with ``y = (x; λ)`` and the residual
+
+    f(θ, y) = [ sym(Q) x + c + Aᵀλ ;  A x − b ],      ∂f/∂y = K = [[sym(Q), Aᵀ], [A, 0]].
+
+Gradients flow from x and λ to all four inputs through the implicit function theorem; every
+backend (the layer's forward solver) factors K once and leaves the factorization in
+``SolveResult.aux``, which the backward, the JVP and higher derivatives reuse.
+
+Pullback (a closed form replaces the generic VJP of f, for speed). With ``w = (w_x; w_λ) =
+K⁻ᵀ (x̄; λ̄)`` and θ̄ = −(∂f/∂θ)ᵀ w:
+
+    ⟨w, ḟ⟩ = ⟨w_x, sym(Q̇)x + ċ + Ȧᵀλ⟩ + ⟨w_λ, Ȧx − ḃ⟩
+    ⇒  Q̄ = −½(w_x xᵀ + x w_xᵀ),  c̄ = −w_x,  Ā = −(w_λ xᵀ + λ w_xᵀ),  b̄ = w_λ,
+
+each summed over the batch dims its input was broadcast along. Q is read as its symmetric part ``(Q + Qᵀ)/2``
 and receives a symmetric gradient; an input broadcast along batch dims receives the sum of
 the per-sample gradients.
 
@@ -22,15 +34,61 @@ Backends (``backend=`` takes an instance, or a name in configs):
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from implicit_layers.core.adjoint import FactorizationAdjoint
 from implicit_layers.core.checks import check_same_dtype_device, check_tensor
+from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.eq_qp.dense import DenseKKTBackend
 from implicit_layers.layers.eq_qp.osqp import OSQPBackend
 from implicit_layers.layers.eq_qp.sparse import SparseKKTBackend, is_sparse
-from implicit_layers.stats import LayerStats, SolverStats
+from implicit_layers.linalg.kkt.equality import dense_matvec, matmul, sym_matvec
 
 BACKENDS = {"dense": DenseKKTBackend, "sparse": SparseKKTBackend, "osqp": OSQPBackend}
+#: non-batch dims of (Q, c, A, b)
+EVENT_NDIMS = (2, 1, 2, 1)
+
+
+def kkt_residual(inputs, y: Tensor) -> Tensor:
+    """``[sym(Q)x + c + Aᵀλ; Ax − b]`` for ``y = (x; λ)`` (batch dims broadcast)."""
+    Q, c, A, b = inputs
+    n = Q.shape[-1]
+    x, lam = y[..., :n], y[..., n:]
+    return torch.cat([sym_matvec(Q, x) + c + dense_matvec(A, lam, True),
+                      dense_matvec(A, x) - b], -1)
+
+
+def kkt_pullback(z, w: Tensor, wanted) -> dict[int, Tensor]:
+    """``{i: θ̄_i}`` for θ = (Q, c, A, b) by the closed form of the module docstring."""
+    Q, c, A, b, y = z
+    n = Q.shape[-1]
+    x, lam, w_x, w_l = y[..., :n], y[..., n:], w[..., :n], w[..., n:]
+    out = {}
+    if 0 in wanted or 2 in wanted:
+        right = torch.stack(torch.broadcast_tensors(x, w_x), -1)
+    if 0 in wanted:
+        left = torch.stack(torch.broadcast_tensors(w_x, x), -1) * -0.5
+        out[0] = _outer_sum(left, right, Q.shape)
+    if 2 in wanted:
+        out[2] = _outer_sum(torch.stack(torch.broadcast_tensors(w_l, lam), -1).neg(), right, A.shape)
+    if 1 in wanted:
+        out[1] = _sum_to(-w_x, c.shape)
+    if 3 in wanted:
+        out[3] = _sum_to(w_l, b.shape)
+    return out
+
+
+def _outer_sum(U: Tensor, V: Tensor, shape) -> Tensor:
+    """``Σ_k U[..., k] V[..., k]ᵀ`` for stacked vectors ``U (*, r, k)``, ``V (*, c, k)``,
+    summed over the batch dims that ``shape`` does not have (broadcast inputs)."""
+    if len(shape) == 2 and U.ndim > 2:  # one matrix shared by the batch: a single GEMM
+        return U.movedim(-2, 0).flatten(1) @ V.movedim(-2, 0).flatten(1).mT
+    out = matmul(U, V.mT)
+    return out if out.shape == shape else out.sum_to_size(shape)
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    return t if t.shape == shape else t.sum_to_size(shape)
 
 
 def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor, finite: bool = True) -> None:
@@ -38,7 +96,7 @@ def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor, finite: bool 
     batch dims, one floating dtype and device, and (``finite=True``) no NaN/Inf; ValueError
     naming the argument."""
     named = {"Q": Q, "c": c, "A": A, "b": b}
-    for (name, t), ndim in zip(named.items(), (2, 1, 2, 1), strict=True):
+    for (name, t), ndim in zip(named.items(), EVENT_NDIMS, strict=True):
         check_tensor(name, t, min_ndim=ndim, finite=False)
     check_same_dtype_device(named)
     n, m = Q.shape[-1], A.shape[-2]
@@ -65,7 +123,7 @@ def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor, finite: bool 
             check_tensor(name, t)
 
 
-class EqualityQPLayer(nn.Module):
+class EqualityQPLayer(ImplicitLayer):
     """Solve ``min ½xᵀQx + cᵀx s.t. Ax = b`` and differentiate through it.
 
     Args:
@@ -94,19 +152,18 @@ class EqualityQPLayer(nn.Module):
     """
 
     def __init__(self, backend="auto"):
-        super().__init__()
         if isinstance(backend, str):
             if backend != "auto" and backend not in BACKENDS:
                 raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, "
                                  f"got {backend!r}")
             # instances are kept so that state (OSQP warm starts) survives across calls
-            self._instances = {backend: BACKENDS[backend]()} if backend != "auto" else {}
-        elif callable(backend):
-            self._instances = {"given": backend}
+            instances = {backend: BACKENDS[backend]()} if backend != "auto" else {}
+        elif isinstance(backend, tuple(BACKENDS.values())):
+            instances = {"given": backend}
         else:
             raise ValueError(f"backend must be a name or a backend instance, got {backend!r}")
-        self.backend = backend
-        self.stats = LayerStats()
+        super().__init__(kkt_residual, None, FactorizationAdjoint())
+        self.backend, self._instances = backend, instances
 
     def resolve(self, Q, A):
         """The backend instance that solves these inputs."""
@@ -119,14 +176,30 @@ class EqualityQPLayer(nn.Module):
 
     def forward(self, Q, c: Tensor, A, b: Tensor) -> tuple[Tensor, Tensor]:
         backend = self.resolve(Q, A)
-        if not getattr(backend, "accepts_sparse", False) or not (is_sparse(Q) or is_sparse(A)):
-            check_eq_qp_inputs(Q, c, A, b, finite=not getattr(backend, "checks_finite", False))
-        x, lam = backend(Q, c, A, b)
-        solve = getattr(backend, "stats", None)  # iterative backends (OSQP) report their own
-        if solve is None:  # a direct KKT factorization: one exact step per sample
-            solve = SolverStats.exact(type(backend).__name__, x.shape[:-1], device=x.device)
-        self.stats = LayerStats(forward=solve)
-        return x, lam
+        self.on_failure = getattr(backend, "on_failure", "raise")
+        if backend.accepts_sparse and (is_sparse(Q) or is_sparse(A)):
+            return self.sparse_values(*backend.prepare(Q, c, A, b))
+        else:
+            check_eq_qp_inputs(Q, c, A, b, finite=False)
+            batch = torch.broadcast_shapes(Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1])
+            y0 = c.new_zeros(*batch, c.shape[-1] + b.shape[-1])
+            y = self._solve((Q, c, A, b), y0, solver=backend, x_names=("Q", "c", "A", "b"),
+                            broadcasts=True, x_event_ndims=EVENT_NDIMS, sample_check=False,
+                            input_pullback=kkt_pullback, check_inputs=not backend.checks_finite)
+        n = c.shape[-1]
+        return y[..., :n], y[..., n:]
+
+    def sparse_values(self, Qv: Tensor, c: Tensor, Av: Tensor, b: Tensor,
+                      problem) -> tuple[Tensor, Tensor]:
+        """The differentiable solve of a sparse QP on the stored values of Q and A, with the
+        patterns and factorization of ``SparseKKTBackend.prepare`` (which returns
+        ``(Qv, c, Av, b, problem)``). Forward mode works here, through the values; torch's
+        sparse constructors lack it."""
+        y0 = c.new_zeros(c.shape[-1] + b.shape[-1])
+        y = self._solve((Qv, c, Av, b), y0, residual=problem.residual, solver=problem,
+                        x_names=("Q", "c", "A", "b"), sample_check=False)
+        n = c.shape[-1]
+        return y[:n], y[n:]
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -1,9 +1,9 @@
 """OSQP-backed equality QP: OSQP (with ``l = u = b``) solves the forward problem.
 
 OSQP's Lagrangian uses our sign convention (``Px + q + Aᵀy = 0``), so ``λ = y``. OSQP's own
-KKT factorization is not reachable from Python, so when a derivative will be needed the
-forward also factors ``[[Q, Aᵀ], [A, 0]]`` once with the dense backend's factorization; the
-backward, the JVP and double backward reuse that factorization (never factoring again) and
+KKT factorization is not reachable from Python, so the first derivative taken factors
+``[[Q, Aᵀ], [A, 0]]`` once with the dense backend's factorization (a forward pass that needs
+no derivative factors nothing); the backward, the JVP and double backward reuse it and
 differentiate OSQP's solution through the KKT conditions.
 
 CPU-only for the OSQP solve (NumPy/SciPy, one problem of the batch at a time): tensors are
@@ -17,37 +17,28 @@ import osqp
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from torch.autograd import Function, forward_ad
 
 from implicit_layers.core.checks import check_policy
-from implicit_layers.layers.eq_qp.dense import _FactoredKKTSolve, sym
+from implicit_layers.layers.eq_qp.dense import KKTFactorization, sym
+from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.kkt.equality import factor_kkt
-from implicit_layers.stats import SolverStats, enforce
+from implicit_layers.solvers.base import SolveResult
+from implicit_layers.stats import SolverStats
 
 
-class _GivenSolution(Function):
-    """``(refine, kind, Q, A, p, q, x, λ, *factors) -> (x, λ)``: passes an external
-    solver's solution of ``K (x; λ) = (p; q)`` through, differentiated like
-    ``_FactoredKKTSolve`` (same saved tensors, same pullback and pushforward, same
-    factors)."""
+class LazyKKTFactorization(Factorization):
+    """The dense KKT factorization of the problem OSQP solved, computed on first use: a
+    forward pass that needs no derivative factors nothing."""
 
-    @staticmethod
-    def forward(refine, kind, Q, A, p, q, x, lam, *factors):
-        return x.clone(), lam.clone()
+    def __init__(self, Q: Tensor, A: Tensor, refine: int):
+        self.Q, self.A, self.refine = Q, A, refine
+        self.stats, self._fac = None, None
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        refine, kind, Q, A, p, q, _x, _lam, *factors = inputs
-        _FactoredKKTSolve.setup_context(ctx, (refine, kind, Q, A, p, q, *factors), output)
-
-    @staticmethod
-    def backward(ctx, x_bar, lam_bar):
-        grads = _FactoredKKTSolve.backward(ctx, x_bar, lam_bar)
-        return grads[:6] + (None, None) + grads[6:]
-
-    @staticmethod
-    def jvp(ctx, refine, kind, Q_dot, A_dot, p_dot, q_dot, _x_dot, _lam_dot, *factors):
-        return _FactoredKKTSolve.jvp(ctx, refine, kind, Q_dot, A_dot, p_dot, q_dot, *factors)
+    def solve(self, b: Tensor, transpose: bool = False) -> Tensor:
+        if self._fac is None:
+            self._fac = KKTFactorization(factor_kkt(sym(self.Q), self.A), self.Q, self.A,
+                                         self.refine)
+        return self._fac.solve(b, transpose)
 
 
 class OSQPBackend:
@@ -63,15 +54,17 @@ class OSQPBackend:
         refine: iterative-refinement steps in the derivative solves.
         **settings: further OSQP settings (e.g. ``rho``, ``polishing``).
 
-    >>> import torch
+    >>> import torch, implicit_layers as il
     >>> Q, c = torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     >>> A, b = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
-    >>> x, lam = OSQPBackend()(Q, c, A, b)
+    >>> x, lam = il.EqualityQPLayer(OSQPBackend())(Q, c, A, b)
     >>> torch.allclose(x, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-6)
     True
     """
 
     name = "osqp"
+    accepts_sparse = False
+    checks_finite = False
 
     def __init__(self, eps_abs: float = 1e-10, eps_rel: float = 1e-10, max_iter: int = 20000,
                  warm_start: bool = True, on_failure: str = "raise", refine: int = 1, **settings):
@@ -80,17 +73,13 @@ class OSQPBackend:
                          "eps_abs": eps_abs, "eps_rel": eps_rel, "max_iter": max_iter}
         self.warm_start, self.refine = warm_start, refine
         self._previous: tuple[np.ndarray, np.ndarray] | None = None
-        self.stats: SolverStats | None = None
 
-    def __call__(self, Q: Tensor, c: Tensor, A: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (Q, c, A, b)):
-            raise NotImplementedError("the OSQP backend does not support torch.func "
-                                      "transforms; use backend='dense'")
-        x, lam = self._solve(Q.detach(), c.detach(), A.detach(), b.detach())
-        if not _needs_derivative(Q, c, A, b):
-            return x, lam
-        fac = factor_kkt(sym(Q.detach()), A.detach())  # no gradient: carried by the solve
-        return _GivenSolution.apply(self.refine, type(fac), Q, A, -c, b, x, lam, *fac.tensors)
+    def solve(self, problem, y0: Tensor) -> SolveResult:
+        """The layer's forward solve: ``problem.data = (Q, c, A, b)``; returns ``(x; λ)``."""
+        Q, c, A, b = problem.data
+        x, lam, stats = self._solve(Q, c, A, b)
+        y = torch.cat([x, lam], -1)
+        return SolveResult(y, stats, LazyKKTFactorization(Q, A, self.refine))
 
     def _solve(self, Q, c, A, b):
         batch = torch.broadcast_shapes(Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1])
@@ -114,16 +103,10 @@ class OSQPBackend:
             iters[k], ok[k] = out.info.iter, out.info.status == "solved"
             res[k] = max(out.info.prim_res, out.info.dual_res)
         self._previous = (xs, ys)
-        self.stats = enforce(SolverStats(
-            "OSQP", iterations=torch.as_tensor(iters).reshape(batch),
-            residual=torch.as_tensor(res).reshape(batch),
-            converged=torch.as_tensor(ok).reshape(batch)), self.on_failure, "OSQP forward solve")
-        to = dict(dtype=c.dtype, device=c.device)
+        to = dict(device=c.device)
+        stats = SolverStats("OSQP", iterations=torch.as_tensor(iters, **to).reshape(batch),
+                            residual=torch.as_tensor(res, dtype=c.dtype, **to).reshape(batch),
+                            converged=torch.as_tensor(ok, **to).reshape(batch))
+        to["dtype"] = c.dtype
         return (torch.as_tensor(xs, **to).reshape(*batch, n),
-                torch.as_tensor(ys, **to).reshape(*batch, m))
-
-
-def _needs_derivative(*tensors: Tensor) -> bool:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+                torch.as_tensor(ys, **to).reshape(*batch, m), stats)

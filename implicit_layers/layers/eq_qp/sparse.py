@@ -3,7 +3,10 @@
 Q and A are torch sparse tensors (COO or CSR) or SciPy sparse matrices; c and b are dense
 1-D tensors. The KKT matrix ``[[sym(Q), Aᵀ], [A, 0]]`` is factored once by
 :class:`~implicit_layers.linalg.sparse.SparseSaddleLDL`; the forward solve, the adjoint
-solve of the backward, the tangent solve of the JVP and double backward all reuse it.
+solve of the backward, the tangent solve of the JVP and double backward all reuse it. The
+layer's inputs are the stored values of Q and A (1-D tensors), so its generic backward
+produces gradients on the patterns: for a stored entry ``(i, j)``,
+``Q̄_ij = −½(w_x,i x_j + x_i w_x,j)`` and ``Ā_ij = −(w_λ,i x_j + λ_i w_x,j)``.
 Gradients of Q and A live on their sparsity patterns (a torch sparse input receives a sparse
 gradient with its own pattern); SciPy inputs are constants.
 
@@ -17,12 +20,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from torch.autograd import Function
 
 from implicit_layers.core.checks import check_same_dtype_device, check_tensor
+from implicit_layers.core.compat import is_wrapped
 from implicit_layers.errors import SingularSystemError
-from implicit_layers.linalg.kkt.equality import tangent_rhs
+from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.sparse import SparseSaddleLDL
+from implicit_layers.solvers.base import SolveResult
+from implicit_layers.stats import SolverStats
 
 
 def is_sparse(M) -> bool:
@@ -73,57 +78,37 @@ def _values_and_pattern(name: str, M, dtype, device) -> tuple[Tensor, _Pattern]:
     return values, _Pattern(rows, cols, tuple(M.shape))
 
 
-class _SparseProblem:
-    """The non-tensor part of a sparse QP: patterns and the KKT factorization."""
+class SparseKKTProblem(Factorization):
+    """One sparse QP's patterns and KKT factorization: the residual of the layer on the
+    stored values, its forward solve, and the factorization the backward reuses."""
 
     def __init__(self, Q_pat: _Pattern, A_pat: _Pattern, fac: SparseSaddleLDL):
         self.Q, self.A, self.fac = Q_pat, A_pat, fac
+        self.stats = None
 
-    def solve(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-        r = torch.cat([p, q]).detach().cpu().double().numpy()
-        z = torch.as_tensor(self.fac.solve(r), dtype=p.dtype, device=p.device)
-        n = p.shape[-1]
-        return z[:n], z[n:]
+    def residual(self, inputs, y: Tensor) -> Tensor:
+        """``[sym(Q)x + c + Aᵀλ; Ax − b]`` with Q and A given by their stored values."""
+        Qv, c, Av, b = inputs
+        n = c.shape[-1]
+        x, lam = y[:n], y[n:]
+        Qx = (self.Q.matvec(Qv, x) + self.Q.matvec(Qv, x, transpose=True)) / 2
+        return torch.cat([Qx + c + self.A.matvec(Av, lam, transpose=True),
+                          self.A.matvec(Av, x) - b])
 
-    def sym_matvec(self, Qv: Tensor, v: Tensor) -> Tensor:
-        return (self.Q.matvec(Qv, v) + self.Q.matvec(Qv, v, transpose=True)) / 2
+    def solve(self, problem, y0: Tensor | None = None, transpose: bool = False):
+        """As the layer's forward solver (``problem`` a RootProblem with ``data = (Qv, c,
+        Av, b)``): the solution ``(x; λ)`` of ``K (x; λ) = (−c; b)``. As a factorization of
+        the symmetric K (``problem`` a tensor of right-hand sides ``(*extra, n + m)``)."""
+        if isinstance(problem, Tensor):
+            return self._solve(problem)
+        _, c, _, b = problem.data
+        y = self._solve(torch.cat([-c, b]))
+        return SolveResult(y, SolverStats.exact("sparse-ldl", (), device=y.device), self)
 
-
-class _SparseKKTSolve(Function):
-    """``(Q values, A values, p, q, problem) -> (x, λ)`` with ``K (x; λ) = (p; q)``."""
-
-    @staticmethod
-    def forward(Qv, Av, p, q, prob):
-        return prob.solve(p, q)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        Qv, Av, p, q, prob = inputs
-        ctx.prob = prob
-        ctx.save_for_backward(Qv, Av, *output)
-        ctx.save_for_forward(Qv, Av, *output)
-
-    # Pullback (as for the dense backend, restricted to the stored entries): with
-    # w = K⁻¹(x̄; λ̄) from the same factorization, p̄ = w_x, q̄ = w_λ and, for a stored entry
-    # (i, j),  Q̄_ij = −½(w_x,i x_j + x_i w_x,j)  and  Ā_ij = −(w_λ,i x_j + λ_i w_x,j).
-    @staticmethod
-    def backward(ctx, x_bar, lam_bar):
-        Qv, Av, x, lam = ctx.saved_tensors
-        prob = ctx.prob
-        w_x, w_l = _SparseKKTSolve.apply(Qv, Av, x_bar, lam_bar, prob)
-        Qi, Qj, Ai, Aj = prob.Q.rows, prob.Q.cols, prob.A.rows, prob.A.cols
-        Q_bar = -(w_x[Qi] * x[Qj] + x[Qi] * w_x[Qj]) / 2
-        A_bar = -(w_l[Ai] * x[Aj] + lam[Ai] * w_x[Aj])
-        return Q_bar, A_bar, w_x, w_l, None
-
-    # Pushforward: ż = K⁻¹(ṗ − sym(Q̇)x − Ȧᵀλ; q̇ − Ȧx), Q̇ and Ȧ on the patterns.
-    @staticmethod
-    def jvp(ctx, Qv_dot, Av_dot, p_dot, q_dot, _prob):
-        Qv, Av, x, lam = ctx.saved_tensors
-        prob = ctx.prob
-        rx, rq = tangent_rhs(x, lam, p_dot, q_dot, Qv_dot, Av_dot,
-                             sym_matvec=prob.sym_matvec, matvec=prob.A.matvec)
-        return prob.solve(rx, rq)
+    def _solve(self, r: Tensor) -> Tensor:
+        flat = r.reshape(-1, r.shape[-1]).detach().cpu().double().numpy().T
+        z = torch.as_tensor(self.fac.solve(flat).T, dtype=r.dtype, device=r.device)
+        return z.reshape(r.shape)
 
 
 class SparseKKTBackend:
@@ -137,36 +122,28 @@ class SparseKKTBackend:
         delta: relative regularization of the quasi-definite factorization (refined away).
         max_refine: most iterative-refinement steps per solve.
 
-    >>> import torch, scipy.sparse as sp
+    >>> import torch, scipy.sparse as sp, implicit_layers as il
     >>> Q, A = sp.identity(3, format="csc"), sp.csr_matrix([[1., 1., 1.]])
     >>> c, b = torch.zeros(3, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
-    >>> x, lam = SparseKKTBackend()(Q, c, A, b)
+    >>> x, lam = il.EqualityQPLayer(SparseKKTBackend())(Q, c, A, b)
     >>> x
     tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
 
     name = "sparse"
     accepts_sparse = True
+    checks_finite = False
 
     def __init__(self, delta: float = 1e-9, max_refine: int = 20):
         self.delta, self.max_refine = delta, max_refine
 
-    def __call__(self, Q, c: Tensor, A, b: Tensor) -> tuple[Tensor, Tensor]:
-        Qv, Av, problem = self.prepare(Q, c, A, b)
-        return self.solve(Qv, c, Av, b, problem)
-
-    @staticmethod
-    def solve(Qv: Tensor, c: Tensor, Av: Tensor, b: Tensor, problem) -> tuple[Tensor, Tensor]:
-        """The differentiable solve on the stored values of Q and A (forward mode through
-        the values works here; torch's sparse constructors lack forward-mode support)."""
-        return _SparseKKTSolve.apply(Qv, Av, -c, b, problem)
-
     def prepare(self, Q, c: Tensor, A, b: Tensor):
-        """Check the inputs and factor the KKT matrix: ``(Q values, A values, problem)``."""
+        """Check the inputs and factor the KKT matrix: ``(Q values, c, A values, b, problem)``
+        (the arguments of :meth:`EqualityQPLayer.sparse_values`)."""
         check_tensor("c", c, min_ndim=1)
         check_tensor("b", b, min_ndim=1)
         check_same_dtype_device({"c": c, "b": b})
-        if torch._C._functorch.is_functorch_wrapped_tensor(c):
+        if is_wrapped(c):
             raise NotImplementedError("the sparse backend does not support torch.func "
                                       "transforms; use backend='dense'")
         if c.ndim != 1 or b.ndim != 1:
@@ -182,7 +159,7 @@ class SparseKKTBackend:
         Qs, As = Q_pat.scipy(Qv), A_pat.scipy(Av)
         K = sp.bmat([[(Qs + Qs.T) / 2, As.T], [As, None]], format="csc")
         fac = _factor_or_diagnose(K, As, n, self.delta, self.max_refine)
-        return Qv, Av, _SparseProblem(Q_pat, A_pat, fac)
+        return Qv, c, Av, b, SparseKKTProblem(Q_pat, A_pat, fac)
 
 
 def _factor_or_diagnose(K, A, n: int, delta: float, max_refine: int) -> SparseSaddleLDL:

@@ -18,9 +18,8 @@ iterative refinement, the adjoint system of the backward, the tangent system of 
   null(A), and a (numerically) zero pivot means K is singular. The error says which of
   "A's rows are dependent" and "Q is not positive definite on null(A)" holds.
 
-A factorization travels through autograd as a tuple of plain tensors (:attr:`tensors`), so
-it can be an output and an input of ``torch.autograd.Function`` and be batched by vmap;
-``kind(*tensors)`` rebuilds it, with ``kind`` its class.
+The layer wraps them as a :class:`~implicit_layers.linalg.Factorization` of its Jacobian
+(:class:`~implicit_layers.layers.eq_qp.dense.KKTFactorization`).
 """
 
 from __future__ import annotations
@@ -82,24 +81,6 @@ def kkt_matvec(Q: Tensor, A: Tensor, x: Tensor, lam: Tensor) -> tuple[Tensor, Te
     return sym_matvec(Q, x) + dense_matvec(A, lam, True), dense_matvec(A, x)
 
 
-def tangent_rhs(x, lam, p_dot, q_dot, Q_dot, A_dot, sym_matvec=sym_matvec, matvec=dense_matvec):
-    """``(ṗ − sym(Q̇)x − Ȧᵀλ; q̇ − Ȧx)``, the right-hand side of the tangent KKT system;
-    absent (None) tangents contribute nothing. ``sym_matvec(Q̇, v)`` and
-    ``matvec(Ȧ, v, transpose)`` apply tangents in the caller's storage (dense matrices, or
-    values on a sparse pattern)."""
-    rx, rq = torch.zeros_like(x), torch.zeros_like(lam)
-    if p_dot is not None:
-        rx = rx + p_dot
-    if q_dot is not None:
-        rq = rq + q_dot
-    if Q_dot is not None:
-        rx = rx - sym_matvec(Q_dot, x)
-    if A_dot is not None:
-        rx = rx - matvec(A_dot, lam, True)
-        rq = rq - matvec(A_dot, x, False)
-    return rx, rq
-
-
 def _columns(solve, fac_batch_ndim: int, rhs: Tensor) -> Tensor:
     """Apply ``solve`` to vectors ``rhs (*batch, N)``; an unbatched factor sees one matrix
     whose columns are all the right-hand sides (one BLAS-3 call instead of many)."""
@@ -120,16 +101,9 @@ def _stacked(p: Tensor, q: Tensor | None, N: int) -> Tensor:
 
 
 class KKTFactors:
-    """A factored KKT matrix: ``solve(p, q) -> (x, λ)``; ``type(self)(*self.tensors)``
-    rebuilds it."""
+    """A factored KKT matrix: ``solve(p, q) -> (x, λ)``."""
 
-    #: event ndims of each tensor in :attr:`tensors` (used by the vmap rules)
-    event_ndims: tuple[int, ...] = ()
     name = "KKT"
-
-    @property
-    def tensors(self) -> tuple[Tensor, ...]:
-        raise NotImplementedError
 
     def solve(self, p: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(x, λ) = K⁻¹(p; q)`` on batches of vectors; ``q = None`` stands for zero."""
@@ -139,15 +113,11 @@ class KKTFactors:
 class SchurKKT(KKTFactors):
     """Cholesky of Q and of the Schur complement ``A Q⁻¹ Aᵀ`` (Q positive definite)."""
 
-    event_ndims = (2, 2, 2)
     name = "dense-schur"
 
     def __init__(self, L: Tensor, M: Tensor, L_S: Tensor):
         self.L, self.M, self.L_S = L, M, L_S
 
-    @property
-    def tensors(self):
-        return self.L, self.M, self.L_S
 
     @classmethod
     def unchecked(cls, Q: Tensor, A: Tensor, overwrite_q: bool = False) -> SchurKKT:
@@ -194,19 +164,15 @@ class SignedCholeskyKKT(KKTFactors):
     triangular solves and two products, for the same flops; the two N×N copies are why
     large systems keep :class:`SchurKKT`."""
 
-    event_ndims = (2, 2)
     name = "dense-signed-cholesky"
 
     def __init__(self, lower: Tensor, lower_signed: Tensor):
         self.lower, self.lower_signed = lower, lower_signed
 
-    @property
-    def tensors(self):
-        return self.lower, self.lower_signed
 
     @classmethod
     def from_schur(cls, fac: SchurKKT) -> SignedCholeskyKKT:
-        L, M, L_S = fac.tensors
+        L, M, L_S = fac.L, fac.M, fac.L_S
         m = M.shape[-1]
         top = torch.nn.functional.pad(L, (0, m))  # [L, 0]
         if top.shape[:-2] != M.shape[:-2]:
@@ -237,15 +203,11 @@ class SignedCholeskyKKT(KKTFactors):
 class LDLKKT(KKTFactors):
     """Bunch–Kaufman ``LDLᵀ`` of the whole KKT matrix (Q PD on null(A) suffices)."""
 
-    event_ndims = (2, 1)
     name = "dense-ldl"
 
     def __init__(self, LD: Tensor, pivots: Tensor):
         self.LD, self.pivots = LD, pivots
 
-    @property
-    def tensors(self):
-        return self.LD, self.pivots
 
     @classmethod
     def factor(cls, Q: Tensor, A: Tensor, rcond: float | None) -> LDLKKT:
@@ -276,14 +238,6 @@ class LDLKKT(KKTFactors):
         solve = lambda rhs: torch.linalg.ldl_solve(LD, piv, rhs)  # noqa: E731
         z = _columns(solve, LD.ndim - 2, r)
         return z[..., :n], z[..., n:]
-
-
-def factor_kind(tensors) -> type[KKTFactors]:
-    """The class of the factorization whose :attr:`~KKTFactors.tensors` these are: three
-    matrices (Schur), two matrices (signed Cholesky), or a matrix and integer pivots (LDLᵀ)."""
-    if len(tensors) == 3:
-        return SchurKKT
-    return SignedCholeskyKKT if tensors[1].is_floating_point() else LDLKKT
 
 
 def try_schur(Q: Tensor, A: Tensor, rcond: float | None, small_numel: int = SMALL_KKT_NUMEL,
