@@ -105,17 +105,19 @@ class LayerStats:
 
 
 def enforce(stats: SolverStats, on_failure: str, what: str) -> SolverStats:
-    """Apply the failure policy to a finished solve and return its stats."""
+    """Apply the failure policy to a finished solve and return its stats.
+
+    A solver that knows why its samples failed (a QP's infeasible constraints, say) puts the
+    explanation and advice in ``stats.extra["failure"]``; it replaces the generic advice."""
     if stats.all_converged:
         return stats
     failed = int((~stats.converged).sum())
     total = stats.converged.numel()
-    msg = (
-        f"{what} did not converge for {failed} of {total} samples "
+    advice = stats.extra.get("failure") or (
         f"(solver {stats.solver}, max residual {float(stats.residual.max()):.3e}, "
         f"max iterations {int(stats.iterations.max())}); raise max_iter, loosen tol, "
-        f"or pass on_failure='warn' to continue with the unconverged point"
-    )
+        f"or pass on_failure='warn' to continue with the unconverged point")
+    msg = f"{what} did not converge for {failed} of {total} samples {advice}"
     if on_failure == "warn":
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
         return stats

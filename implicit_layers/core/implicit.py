@@ -96,6 +96,9 @@ class ImplicitFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]
         if not any(needs):
             return (None,) * (len(z) + 1)
+        if z[problem.n_x].numel() == 0:  # an empty solution depends on nothing
+            return None, None, *(torch.zeros_like(t) if need else None
+                                 for t, need in zip(z[:problem.n_x] + z[problem.n_x + 1:], needs))
         w = LinearSolve.apply(problem, True, y_bar, *z)  # Jᵀ w = ȳ
         wrt = tuple(i for i in range(len(z)) if i != problem.n_x)  # every input but y
         wanted = tuple(i for i, need in zip(wrt, needs) if need)
@@ -110,6 +113,8 @@ class ImplicitFunction(torch.autograd.Function):
         wrt = tuple(i for i in range(len(z)) if i != problem.n_x)
         moving = tuple((i, t) for i, t in zip(wrt, tangents) if t is not None)
         if not moving:
+            return torch.zeros_like(z[problem.n_x])
+        if z[problem.n_x].numel() == 0:
             return torch.zeros_like(z[problem.n_x])
         idx, dots = zip(*moving)
         _, f_dot = jvp(

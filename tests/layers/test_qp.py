@@ -115,7 +115,7 @@ def test_float32_and_per_sample_iterations():
         (dict(G=torch.ones(2, 3)), "G must have 2 columns"),
         (dict(h=torch.ones(3)), "h must have shape"),
         (dict(A=torch.ones(1, 2), b=None), "A and b must be given together"),
-        (dict(c=torch.tensor([1.0, float("nan")])), "c contains NaN"),
+        (dict(c=torch.tensor([1.0, float("nan")], dtype=torch.float64)), "c contains NaN"),
         (dict(h=torch.ones(2, dtype=torch.float32)), "dtype"),
         (dict(Q=torch.eye(2, dtype=torch.int64)), "floating dtype"),
     ],

@@ -23,7 +23,7 @@ def batch_with_bad_samples(n=3):
 def test_status_per_sample_and_raise():
     (Q, c, G, h), _ = batch_with_bad_samples()
     layer = il.QPLayer()
-    with pytest.raises(il.ConvergenceError, match="1 infeasible, 1 unbounded") as err:
+    with pytest.raises(il.ConvergenceError, match="1 infeasible.*1 unbounded") as err:
         layer(Q, c, None, None, G, h)
     status = err.value.stats.extra["status"]
     assert status.tolist() == [il.QPStatus.SOLVED, il.QPStatus.INFEASIBLE, il.QPStatus.UNBOUNDED]
@@ -52,8 +52,8 @@ def test_warn_keeps_good_samples_and_gives_zero_finite_gradients_to_bad_ones():
 
 def test_max_iter_status():
     (Q, c, A, b, G, h), _ = strictly_complementary_qp(batch=(2,), seed=12)
-    layer = il.QPLayer(solver=il.InteriorPoint(max_iter=2), on_failure="warn")
-    with pytest.warns(il.ConvergenceWarning, match="2 max_iter"):
+    layer = il.QPLayer(solver=il.InteriorPoint(max_iter=1, polish=False), on_failure="warn")
+    with pytest.warns(il.ConvergenceWarning, match="2 not solved to tolerance within max_iter"):
         layer(Q, c, A, b, G, h)
     assert layer.stats.forward.extra["status"].tolist() == [il.QPStatus.MAX_ITER] * 2
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import implicit_layers as il
-from implicit_layers.solvers.qp.data import PrimalData, WhitenedData, qp_data
+from implicit_layers.solvers.qp.problem import QPProblem
+from implicit_layers.solvers.qp.views import PrimalView, WhitenedView, make_view
 from implicit_layers.testing.qp_problems import strictly_complementary_qp
 from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from tests.layers.test_qp import cvxpy_solve
@@ -35,16 +36,21 @@ def test_primal_and_dual_orders_agree_on_values_and_gradients(n, m, p):
         assert a.numel() == 0 or float((a - b_).abs().max()) <= 1e-7 * scale, name
 
 
+def _view(Q, c, A, b, G, h):
+    P = QPProblem.from_data(Q, c, A, b, G, torch.full_like(h, -float("inf")), h)
+    return make_view(P, whiten=True, reg=1e-9)
+
+
 def test_auto_picks_the_dual_order_only_for_positive_definite_Q():
     (Q, c, A, b, G, h), _ = strictly_complementary_qp(batch=(2,), n=6, m=8, p=2, seed=3)
-    assert isinstance(qp_data(Q, c, A, b, G, h, whiten=True), WhitenedData)
+    assert isinstance(_view(Q, c, A, b, G, h), WhitenedView)
     singular = Q.clone()
     singular[1] = 0.0  # a linear program in the batch: the whole batch stays primal
-    assert isinstance(qp_data(singular, c, A, b, G, h, whiten=True), PrimalData)
+    assert isinstance(_view(singular, c, A, b, G, h), PrimalView)
     dependent = A.clone()
     dependent[:, 1] = dependent[:, 0]  # A Q⁻¹ Aᵀ singular
-    assert isinstance(qp_data(Q, c, dependent, b, G, h, whiten=True), PrimalData)
-    assert isinstance(qp_data(_ill_conditioned(6, 1e8, 2), c, A, b, G, h, whiten=True), PrimalData)
+    assert isinstance(_view(Q, c, dependent, b, G, h), PrimalView)
+    assert isinstance(_view(_ill_conditioned(6, 1e8, 2), c, A, b, G, h), PrimalView)
 
 
 def _ill_conditioned(n, cond, batch):

@@ -37,12 +37,13 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.adjoint import FactorizationAdjoint
+from implicit_layers.core.broadcast import outer_sum, sum_to
 from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.eq_qp.dense import DenseKKTBackend
 from implicit_layers.layers.eq_qp.osqp import OSQPBackend
 from implicit_layers.layers.eq_qp.sparse import SparseKKTBackend, is_sparse
-from implicit_layers.linalg.kkt.equality import dense_matvec, matmul, sym_matvec
+from implicit_layers.linalg.kkt.equality import dense_matvec, sym_matvec
 
 BACKENDS = {"dense": DenseKKTBackend, "sparse": SparseKKTBackend, "osqp": OSQPBackend}
 #: non-batch dims of (Q, c, A, b)
@@ -68,27 +69,14 @@ def kkt_pullback(z, w: Tensor, wanted) -> dict[int, Tensor]:
         right = torch.stack(torch.broadcast_tensors(x, w_x), -1)
     if 0 in wanted:
         left = torch.stack(torch.broadcast_tensors(w_x, x), -1) * -0.5
-        out[0] = _outer_sum(left, right, Q.shape)
+        out[0] = outer_sum(left, right, Q.shape)
     if 2 in wanted:
-        out[2] = _outer_sum(torch.stack(torch.broadcast_tensors(w_l, lam), -1).neg(), right, A.shape)
+        out[2] = outer_sum(torch.stack(torch.broadcast_tensors(w_l, lam), -1).neg(), right, A.shape)
     if 1 in wanted:
-        out[1] = _sum_to(-w_x, c.shape)
+        out[1] = sum_to(-w_x, c.shape)
     if 3 in wanted:
-        out[3] = _sum_to(w_l, b.shape)
+        out[3] = sum_to(w_l, b.shape)
     return out
-
-
-def _outer_sum(U: Tensor, V: Tensor, shape) -> Tensor:
-    """``Σ_k U[..., k] V[..., k]ᵀ`` for stacked vectors ``U (*, r, k)``, ``V (*, c, k)``,
-    summed over the batch dims that ``shape`` does not have (broadcast inputs)."""
-    if len(shape) == 2 and U.ndim > 2:  # one matrix shared by the batch: a single GEMM
-        return U.movedim(-2, 0).flatten(1) @ V.movedim(-2, 0).flatten(1).mT
-    out = matmul(U, V.mT)
-    return out if out.shape == shape else out.sum_to_size(shape)
-
-
-def _sum_to(t: Tensor, shape) -> Tensor:
-    return t if t.shape == shape else t.sum_to_size(shape)
 
 
 def check_eq_qp_inputs(Q: Tensor, c: Tensor, A: Tensor, b: Tensor, finite: bool = True) -> None:

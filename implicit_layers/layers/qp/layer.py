@@ -1,138 +1,74 @@
-"""QPLayer: a differentiable convex QP with equality and inequality constraints (OptNet-class).
+"""QPLayer: a differentiable convex QP with equality and two-sided inequality constraints.
 
-    x*(θ) = argmin_x ½ xᵀQx + cᵀx   s.t.  Ax = b,  Gx ≤ h,      θ = (Q, c, A, b, G, h)
+    x*(θ) = argmin_x ½ xᵀQx + cᵀx   s.t.  Ax = b,  l ≤ Gx ≤ h,      θ = (Q, c, A, b, G, l, h)
 
-returning the primal solution ``x`` and the multipliers ``λ`` (equalities), ``μ ≥ 0``
-(inequalities). The forward pass runs a solver (default :class:`InteriorPoint`, torch only;
-:class:`~implicit_layers.solvers.qp.osqp.OSQP` on CPU); the backward and the JVP apply the
-implicit function theorem to the KKT conditions at the solution,
+returning the primal solution ``x`` and the multipliers ``λ`` (equalities) and ``μ``
+(inequalities, signed: ``μᵢ > 0`` where the upper bound is active, ``< 0`` where the lower one
+is, 0 elsewhere), with ``Qx + c + Aᵀλ + Gᵀμ = 0``.
 
-    F(z, θ) = [ Qx + c + Aᵀλ + Gᵀμ ;  Ax − b ;  μ ∘ (Gx − h) ] = 0,     z = (x, λ, μ).
+An :class:`~implicit_layers.ImplicitLayer` with ``y = (x, λ, μ)``. The forward solver
+(:class:`~implicit_layers.InteriorPoint` by default, or :class:`~implicit_layers.OSQP`) ends
+with the solution's active set and the factorization of its derivative KKT matrix ``K``
+(:mod:`implicit_layers.solvers.qp.active_set`, where the gradient contract at degenerate
+points is stated); the residual is the one whose Jacobian that is,
 
-Derivation (ż tangents, z̄ adjoints; s = h − Gx the slack). Differentiating F = 0:
+    F(θ, y) = [ Qx + c + Aᵀλ + G_𝒜ᵀμ ;  Ax − b ;  a⁺∘(Gx − h) + a⁻∘(Gx − l) − (1 − a)∘μ ],
 
-    Q ẋ + Aᵀλ̇ + Gᵀμ̇ = −(Q̇x + ċ + Ȧᵀλ + Ġᵀμ)
-    A ẋ             = −(Ȧx − ḃ)
-    μ∘Gẋ − s∘μ̇      = −μ∘(Ġx − ḣ)        (complementarity; divide this row by μ > 0)
+so the core's backward, JVP and double backward reuse the forward's factorization.
+Pullback (a closed form replaces the generic VJP of F, for speed): with ``w = K⁻ᵀ(x̄, λ̄, μ̄)``
+and θ̄ = −(∂F/∂θ)ᵀ w,
 
-    pushforward:  M ż = −[Q̇x + ċ + Ȧᵀλ + Ġᵀμ;  Ȧx − ḃ;  Ġx − ḣ],   M = [[Q, Aᵀ, Gᵀ], [A, 0, 0], [G, 0, −S/Z]]
+    Q̄ = −½(w₁xᵀ + xw₁ᵀ),  c̄ = −w₁,  Ā = −(λw₁ᵀ + w₂xᵀ),  b̄ = w₂,
+    Ḡ = −(μw₁ᵀ + (a∘w₃)xᵀ),  h̄ = a⁺∘w₃,  l̄ = a⁻∘w₃.
 
-``M`` is symmetric and is exactly the interior point's KKT matrix at the returned point, so
-both directions reuse the solver's final factorization. Pullback: with ``w = M⁻¹ z̄``,
-
-    ⟨z̄, ż⟩ = −⟨w, [Q̇x + ċ + Ȧᵀλ + Ġᵀμ; Ȧx − ḃ; Ġx − ḣ]⟩  ⇒
-    Q̄ = −w₁xᵀ,  c̄ = −w₁,  Ā = −(λw₁ᵀ + w₂xᵀ),  b̄ = w₂,  Ḡ = −(μw₁ᵀ + w₃xᵀ),  h̄ = w₃.
-
-(``Q`` is symmetrized on entry, so ``Q̄`` comes back symmetric.) Degenerate constraints
-(``sᵢ = μᵢ = 0``, weakly active) get the finite gradient of the interior point's final
-central-path point: ``sᵢ/μᵢ`` there interpolates between treating the constraint as active
-(``sᵢ/μᵢ → 0``: ``Gᵢẋ = ḣᵢ − Ġᵢx``) and inactive (``sᵢ/μᵢ → ∞``: ``μ̇ᵢ = 0``).
+(``Q`` is symmetrized on entry, so ``Q̄`` is symmetric; an input broadcast over batch dims
+receives the sum of the per-sample gradients.)
 
 Failures are per sample: a sample whose status is not ``SOLVED`` raises
-:class:`~implicit_layers.ConvergenceError` (``on_failure="raise"``) or, with
-``on_failure="warn"``, warns, returns the solver's last iterate (non-finite entries set to 0)
-and receives exactly zero gradient, leaving the rest of the batch untouched.
+:class:`~implicit_layers.ConvergenceError` (``on_failure="raise"``) whose message says why
+(infeasible, unbounded, iterations, numerical) or, with ``on_failure="warn"``, warns, returns
+the solver's last iterate (non-finite entries set to 0) and receives exactly zero gradient,
+leaving the rest of the batch untouched. With ``infeasible="closest"`` an infeasible sample is
+solved as the closest feasible QP instead (:mod:`implicit_layers.layers.qp.closest`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from implicit_layers.core.adjoint import FactorizationAdjoint
 from implicit_layers.core.checks import check_policy, check_same_dtype_device, check_tensor
-from implicit_layers.layers.qp.kkt_solve import KKTSolve
-from implicit_layers.linalg.kkt.inequality import _mv
-from implicit_layers.solvers.qp import InteriorPoint, QPSolution, QPStatus
-from implicit_layers.stats import LayerStats, enforce
+from implicit_layers.core.compat import is_wrapped
+from implicit_layers.core.layer import ImplicitLayer
+from implicit_layers.layers.qp.forward import QPForward, qp_residual
+from implicit_layers.solvers.qp import InteriorPoint, QPSolver
+
+#: non-batch dims of (Q, c, A, b, G, lower, upper)
+EVENT_NDIMS = (2, 1, 2, 1, 2, 1, 1)
+NAMES = ("Q", "c", "A", "b", "G", "lower", "h")
 
 
-def _outer(u: Tensor, v: Tensor) -> Tensor:
-    return u.unsqueeze(-1) * v.unsqueeze(-2)
-
-
-class _Call:
-    """One layer call: the solver, the policy, and (after forward) the solution."""
-
-    def __init__(self, solver, on_failure: str, stats: LayerStats):
-        self.solver, self.on_failure, self.stats = solver, on_failure, stats
-        self.solution: QPSolution | None = None
-
-
-class _QPFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(Q, c, A, b, G, h, call):
-        sol = call.solver.solve(Q, c, A, b, G, h)
-        call.stats.forward = sol.stats
-        bad = sol.status != QPStatus.SOLVED
-        if bool(bad.any()):
-            names = [f"{int((sol.status == s).sum())} {s.name.lower()}" for s in QPStatus
-                     if s != QPStatus.SOLVED and bool((sol.status == s).any())]
-            enforce(sol.stats, call.on_failure, f"QPLayer ({call.solver.name}: {', '.join(names)})")
-        call.solution = sol
-        finite = lambda t: torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype))  # noqa: E731
-        return finite(sol.x), finite(sol.lam), finite(sol.mu)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        Q, c, A, b, G, h, call = inputs
-        ctx.call = call
-        ctx.save_for_backward(Q, A, G, h, *output)
-        ctx.save_for_forward(Q, A, G, h, *output)
-
-    @staticmethod
-    def _system(ctx):
-        Q, A, G, h, x, lam, mu = ctx.saved_tensors
-        G_eff, w, keep = ctx.call.solver.derivative_system(ctx.call.solution, G, h, x, mu)
-        return Q, A, G, G_eff, w, keep, x, lam, mu
-
-    @staticmethod
-    def backward(ctx, x_bar, lam_bar, mu_bar):
-        Q, A, G, G_eff, w, keep, x, lam, mu = _QPFunction._system(ctx)
-        if keep is not None:
-            mu_bar = mu_bar * keep
-        fac = ctx.call.solution.factor
-        w1, w2, w3 = KKTSolve.apply(fac, Q, A, G_eff, w, x_bar, lam_bar, mu_bar, 1)
-        Q_bar = -_outer(w1, x)
-        A_bar = -(_outer(lam, w1) + _outer(w2, x))
-        G_bar = -(_outer(mu, w1) + _outer(w3, x))
-        return Q_bar, -w1, A_bar, w2, G_bar, w3, None
-
-    @staticmethod
-    def jvp(ctx, dQ, dc, dA, db, dG, dh, _call):
-        Q, A, G, G_eff, w, keep, x, lam, mu = _QPFunction._system(ctx)
-        z = lambda d, like: d if d is not None else torch.zeros_like(like)  # noqa: E731
-        dQ, dA, dG = z(dQ, Q), z(dA, A), z(dG, G)
-        r1 = _mv(dQ, x) + z(dc, x) + _mv(dA.mT, lam) + _mv(dG.mT, mu)
-        r2 = _mv(dA, x) - z(db, lam)
-        r3 = _mv(dG, x) - z(dh, mu)
-        if keep is not None:
-            r3 = r3 * keep
-        with torch.no_grad():
-            return tuple(KKTSolve.forward(ctx.call.solution.factor, Q, A, G_eff, w, -r1, -r2, -r3, 1))
-
-    @staticmethod
-    def vmap(info, in_dims, Q, c, A, b, G, h, call):
-        V = info.batch_size
-        flat = []
-        for t, d in zip((Q, c, A, b, G, h), in_dims[:6], strict=True):
-            t = t.expand(V, *t.shape) if d is None else t.movedim(d, 0)
-            flat.append(t.reshape(-1, *t.shape[2:]))
-        out = _QPFunction.apply(*flat, call)
-        return tuple(o.reshape(V, -1, *o.shape[1:]) for o in out), (0, 0, 0)
-
-
-class QPLayer(nn.Module):
-    """Differentiable convex QP ``min ½xᵀQx + cᵀx s.t. Ax = b, Gx ≤ h`` (OptNet-class).
+class QPLayer(ImplicitLayer):
+    """Differentiable convex QP ``min ½xᵀQx + cᵀx s.t. Ax = b, lower ≤ Gx ≤ h`` (OptNet class).
 
     Args:
-        solver: the forward solver, :class:`InteriorPoint` (default; torch, CPU/CUDA) or
-            :class:`~implicit_layers.solvers.qp.osqp.OSQP` (CPU, sparse-friendly).
+        solver: the forward :class:`~implicit_layers.QPSolver`:
+            :class:`~implicit_layers.InteriorPoint` (default; torch, CPU/CUDA) or
+            :class:`~implicit_layers.OSQP` (CPU, sparse-friendly).
         on_failure: ``"raise"`` (default) or ``"warn"``; see the module docstring.
+        infeasible: ``"raise"`` (default): an infeasible sample is a failure; ``"closest"``:
+            solve the QP whose constraints are shifted by the least-norm shift that makes
+            them feasible (proxsuite's closest feasible QP), status ``CLOSEST_FEASIBLE``,
+            the shift in ``stats.forward.extra["shift"]``, differentiated like any other.
 
-    ``forward(Q, c, A=None, b=None, G=None, h=None) -> (x, lam, mu)`` with ``Q (*, n, n)``
-    positive semidefinite, ``c (*, n)``, ``A (*, p, n)``, ``b (*, p)``, ``G (*, m, n)``,
-    ``h (*, m)``; leading dims broadcast. ``stats.forward.extra["status"]`` holds each
-    sample's :class:`QPStatus`.
+    ``forward(Q, c, A=None, b=None, G=None, h=None, lower=None) -> (x, lam, mu)`` with
+    ``Q (*, n, n)`` positive semidefinite, ``c (*, n)``, ``A (*, p, n)``, ``b (*, p)``,
+    ``G (*, m, n)``, ``h (*, m)``, ``lower (*, m)``; leading dims broadcast. ``h`` may hold
+    ``+inf`` and ``lower`` ``−inf`` (no bound on that side; so does any bound of magnitude
+    ``≥ 1e20``); ``lower=None`` means no lower bounds, ``h=None`` with a ``lower`` no upper ones.
+    ``stats.forward.extra["status"]`` holds each sample's :class:`QPStatus`, and
+    ``stats.backward.extra["degenerate"]`` flags samples at degenerate points.
 
     >>> import torch, implicit_layers as il
     >>> Q = torch.eye(2, dtype=torch.float64); c = torch.tensor([-1., -1.], dtype=torch.float64)
@@ -142,11 +78,16 @@ class QPLayer(nn.Module):
     (tensor([0.5000, 0.5000], dtype=torch.float64), tensor([0.5000], dtype=torch.float64))
     """
 
-    def __init__(self, solver=None, on_failure: str = "raise"):
-        super().__init__()
-        self.solver = solver if solver is not None else InteriorPoint()
-        self.on_failure = check_policy(on_failure)
-        self.stats = LayerStats()
+    def __init__(self, solver: QPSolver | None = None, on_failure: str = "raise",
+                 infeasible: str = "raise"):
+        solver = solver if solver is not None else InteriorPoint()
+        if not isinstance(solver, QPSolver):
+            raise ValueError(f"solver must be a QPSolver (InteriorPoint, OSQP), got {solver!r}")
+        if infeasible not in ("raise", "closest"):
+            raise ValueError(f"infeasible must be 'raise' or 'closest', got {infeasible!r}")
+        super().__init__(qp_residual, solver, FactorizationAdjoint(),
+                         on_failure=check_policy(on_failure))
+        self.infeasible = infeasible
 
     @classmethod
     def from_cvxpy(cls, problem, parameters, variables, **kwargs):
@@ -155,43 +96,82 @@ class QPLayer(nn.Module):
 
         return CvxpyQPLayer(problem, parameters, variables, layer=cls(**kwargs))
 
-    def forward(self, Q, c, A=None, b=None, G=None, h=None):
-        Q, c, A, b, G, h = _check_inputs(Q, c, A, b, G, h)
-        batch = torch.broadcast_shapes(Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1],
-                                       G.shape[:-2], h.shape[:-1])
-        B = batch.numel()
+    def forward(self, Q: Tensor, c: Tensor, A: Tensor | None = None, b: Tensor | None = None,
+                G: Tensor | None = None, h: Tensor | None = None,
+                lower: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        inputs = check_qp_inputs(Q, c, A, b, G, h, lower)
+        return self._solve_qp(inputs)
 
-        def flat(t: Tensor, event: int) -> Tensor:
-            return t.expand(*batch, *t.shape[t.ndim - event:]).reshape(B, *t.shape[t.ndim - event:])
-
+    def _solve_qp(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """The implicit function on checked inputs ``(Q, c, A, b, G, lower, upper)``."""
+        Q, c, A, b, G, lower, upper = inputs
         Q = 0.5 * (Q + Q.mT)
-        call = _Call(self.solver, self.on_failure, self.stats)
-        x, lam, mu = _QPFunction.apply(flat(Q, 2), flat(c, 1), flat(A, 2), flat(b, 1),
-                                       flat(G, 2), flat(h, 1), call)
-        return tuple(t.reshape(*batch, t.shape[-1]) for t in (x, lam, mu))
+        n, p, m = c.shape[-1], A.shape[-2], G.shape[-2]
+        batch = torch.broadcast_shapes(*(t.shape[: t.ndim - e] for t, e in zip(inputs, EVENT_NDIMS)))
+        y0 = c.new_zeros(*batch, n + p + m)
+        forward = QPForward(self.solver, self.infeasible)
+        y = self._solve((Q, c, A, b, G, lower, upper), y0, solver=forward,
+                        residual=forward.residual, x_names=NAMES, broadcasts=True,
+                        x_event_ndims=EVENT_NDIMS, sample_check=False, check_inputs=False,
+                        input_pullback=forward.pullback)
+        return y[..., :n], y[..., n:n + p], y[..., n + p:]
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, on_failure={self.on_failure!r}, infeasible={self.infeasible!r}"
 
 
-def _check_inputs(Q, c, A, b, G, h):
-    Q = check_tensor("Q", Q, min_ndim=2)
-    c = check_tensor("c", c, min_ndim=1)
+def check_qp_inputs(Q, c, A, b, G, h, lower) -> tuple[Tensor, ...]:
+    """``(Q, c, A, b, G, lower, upper)`` with absent parts filled in (empty ``A``/``G``,
+    infinite bounds), after checking shapes, dtypes and values; ``ValueError`` naming the
+    argument otherwise. Bounds may be infinite on their own side (``h = +inf``,
+    ``lower = −inf``), never NaN."""
+    Q = check_tensor("Q", Q, min_ndim=2, finite=False)
+    c = check_tensor("c", c, min_ndim=1, finite=False)
     n = Q.shape[-1]
     if Q.shape[-2] != n:
         raise ValueError(f"Q must be square (*, n, n), got shape {tuple(Q.shape)}")
     if c.shape[-1] != n:
         raise ValueError(f"c must have shape (*, {n}) to match Q, got {tuple(c.shape)}")
-    pairs = {}
-    for mat, vec, mname, vname in ((A, b, "A", "b"), (G, h, "G", "h")):
-        if (mat is None) != (vec is None):
-            raise ValueError(f"{mname} and {vname} must be given together (or both None)")
-        if mat is None:
-            mat, vec = Q.new_zeros(n, 0).mT, Q.new_zeros(0)
-        mat = check_tensor(mname, mat, min_ndim=2)
-        vec = check_tensor(vname, vec, min_ndim=1)
+    if (A is None) != (b is None):
+        raise ValueError("A and b must be given together (or both None)")
+    if A is None:
+        A, b = Q.new_zeros(0, n), Q.new_zeros(0)
+    if G is None and (h is not None or lower is not None):
+        raise ValueError("h or lower given without G")
+    if G is not None and h is None and lower is None:
+        raise ValueError("G given without h (or lower)")
+    if G is None:
+        G, h, lower = Q.new_zeros(0, n), Q.new_zeros(0), Q.new_zeros(0)
+    A = check_tensor("A", A, min_ndim=2, finite=False)
+    b = check_tensor("b", b, min_ndim=1, finite=False)
+    G = check_tensor("G", G, min_ndim=2, finite=False)
+    m = G.shape[-2]
+    inf = torch.tensor(float("inf"), dtype=Q.dtype, device=Q.device)
+    h = inf.expand(m) if h is None else check_tensor("h", h, min_ndim=1, finite=False)
+    lower = (-inf).expand(m) if lower is None else check_tensor("lower", lower, min_ndim=1,
+                                                                  finite=False)
+    for mat, name in ((A, "A"), (G, "G")):
         if mat.shape[-1] != n:
-            raise ValueError(f"{mname} must have {n} columns to match Q, got shape {tuple(mat.shape)}")
-        if vec.shape[-1] != mat.shape[-2]:
-            raise ValueError(f"{vname} must have shape (*, {mat.shape[-2]}) to match {mname}, "
-                             f"got {tuple(vec.shape)}")
-        pairs[mname], pairs[vname] = mat, vec
-    check_same_dtype_device({"Q": Q, "c": c, **pairs})
-    return Q, c, pairs["A"], pairs["b"], pairs["G"], pairs["h"]
+            raise ValueError(f"{name} must have {n} columns to match Q, got shape {tuple(mat.shape)}")
+    for vec, name, rows, of in ((b, "b", A.shape[-2], "A"), (h, "h", m, "G"), (lower, "lower", m, "G")):
+        if vec.shape[-1] != rows:
+            raise ValueError(f"{name} must have shape (*, {rows}) to match {of}, got {tuple(vec.shape)}")
+    named = dict(zip(NAMES, (Q, c, A, b, G, lower, h), strict=True))
+    check_same_dtype_device(named)
+    shapes = {k: t.shape[: t.ndim - e] for (k, t), e in zip(named.items(), EVENT_NDIMS, strict=True)}
+    try:
+        torch.broadcast_shapes(*shapes.values())
+    except RuntimeError as err:
+        listed = ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+        raise ValueError(f"batch dims do not broadcast: {listed}") from err
+    for name in ("Q", "c", "A", "b", "G"):
+        check_tensor(name, named[name])
+    for name, bad in (("h", -inf), ("lower", inf)):
+        t = named[name]
+        if not t.numel() or is_wrapped(t):
+            continue
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"{name} contains NaN")
+        if bool((t == bad).any()):
+            raise ValueError(f"{name} contains {float(bad)}: that bound can never hold")
+    return Q, c, A, b, G, lower, h

@@ -1,21 +1,29 @@
-"""The KKT matrix of an inequality-constrained QP, factored once and solved many times.
+"""The KKT matrix of an inequality-constrained QP, regularized and factored once per use.
 
-Every linear system of the QP layer (each interior-point step, the backward and the JVP)
-has the symmetric quasi-definite form
+Every linear system of the QP solvers (each interior-point step, the polishing step, the
+backward and the JVP) has the symmetric form
 
     M = [ Q   Aᵀ  Gᵀ ]        Q (n×n) positive semidefinite, A (p×n), G (m×n),
-        [ A   0   0  ]        W = diag(w), w > 0 (w = s/μ at an interior point)
-        [ G   0  −W  ]
+        [ A   0   0  ]        W = diag(w), w ≥ 0 (w = s/z at an interior point; 0 for an
+        [ G   0  −W  ]        active and 1 for an inactive constraint in the derivative)
 
-Eliminating the third block, ``z₃ = W⁻¹(G z₁ − r₃)``, and then the second through its Schur
-complement leaves two batched Cholesky factorizations:
+which may be singular (an LP, a singular Q, dependent equality rows, duplicated active
+constraints). This module factors the quasi-definite regularization
 
-    H = Q + Gᵀ W⁻¹ G + δ I = L Lᵀ,        S = A H⁻¹ Aᵀ + δ I = VᵀV + δ I,    V = L⁻¹Aᵀ
+    M_δ = [ Q + ρI   Aᵀ     Gᵀ       ]
+          [ A       −δI     0        ]
+          [ G        0     −(W + δI) ]
 
-(``δ`` is a small regularization that makes ``H`` positive definite for linear programs and
-positive semidefinite ``Q``; callers that need the exact ``M`` refine the solution, see
-:func:`refine`). Unlike :class:`~implicit_layers.linalg.Cholesky`, a failure is reported per
-sample in ``ok`` rather than raised: one bad problem must not stop a batch of QPs.
+by eliminating the multipliers, ``λ = (Ax − r₂)/δ`` and ``μ = (Gx − r₃)/(W + δ)``, which
+leaves one positive definite system for any data:
+
+    H = Q + ρI + AᵀA/δ + Gᵀ(W + δI)⁻¹G = L Lᵀ,      H x = r₁ + Aᵀr₂/δ + Gᵀ(W + δI)⁻¹r₃.
+
+Callers that need ``M`` itself refine against it (:meth:`PrimalKKTFactor.refined`): each step
+contracts the error by about ``max(ρ, δ) ‖M⁻¹‖``. Where ``M`` is singular the refinement stops
+improving; the error components in its null space stay those of the regularized solution,
+a proximal-point (minimum-norm-like) choice. A Cholesky that fails anyway (round-off) is
+reported per sample in ``ok``: one bad problem must not stop a batch.
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ import torch
 from torch import Tensor
 
 
-def _mv(M: Tensor, v: Tensor) -> Tensor:
-    """``M v`` for ``M (B, m, n)`` and ``v (..., B, n)``. Written as the row vector ``vᵀMᵀ``:
-    on CPU, batched matrix @ column is several times slower than row @ matrix."""
+def mv(M: Tensor, v: Tensor) -> Tensor:
+    """``M v`` for ``M (B, r, k)`` and ``v (..., B, k)``, written as the row vector ``vᵀMᵀ``:
+    on CPU, batched matrix @ column was several times slower than row @ matrix."""
     return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
 
 
@@ -40,11 +48,21 @@ def cholesky_lower(H: Tensor) -> tuple[Tensor, Tensor]:
     return U.mT, info
 
 
-def _tri(L: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
+def tri(L: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
     """``L⁻¹ B`` (or ``L⁻ᵀ B``) for lower-triangular ``L (B, n, n)`` and ``B (..., B, n, k)``."""
     if B.shape[:-2] != L.shape[:-2]:
         L = L.expand(*B.shape[:-2], *L.shape[-2:])
     return torch.linalg.solve_triangular(L.mT if transpose else L, B, upper=transpose)
+
+
+def tri_vec(L: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
+    """:func:`tri` for vectors ``v (..., B, n)``."""
+    return tri(L, v.unsqueeze(-1), transpose).squeeze(-1)
+
+
+def kkt_product(Q: Tensor, A: Tensor, G: Tensor, w: Tensor, z1: Tensor, z2: Tensor, z3: Tensor):
+    """``M z`` for ``M`` built from ``(Q, A, G, w)`` (module docstring)."""
+    return (mv(Q, z1) + mv(A.mT, z2) + mv(G.mT, z3), mv(A, z1), mv(G, z1) - w * z3)
 
 
 class PerSampleFactor:
@@ -55,7 +73,7 @@ class PerSampleFactor:
     ok: Tensor
 
     def _masked(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        """``tensors`` (``(B, k)`` each) with the samples whose factorization failed set to 0."""
+        """``tensors`` (``(..., B, k)`` each) with the samples whose factorization failed set to 0."""
         if bool(self.ok.all()):
             return tensors
         keep = self.ok.unsqueeze(-1)
@@ -73,103 +91,88 @@ class PerSampleFactor:
 
 
 @dataclass
-class QPKKTFactor(PerSampleFactor):
-    """Cholesky factors of ``H`` and ``S`` for a batch ``(B,)`` of KKT matrices ``M``.
+class PrimalKKTFactor(PerSampleFactor):
+    """The Cholesky factor of ``H`` for a batch ``(B,)`` of regularized KKT matrices ``M_δ``.
 
     Attributes:
-        L: ``(B, n, n)`` Cholesky factor of ``H``; LS: ``(B, p, p)`` Cholesky factor of ``S``.
-        V: ``(B, n, p)`` ``L⁻¹Aᵀ``; A, G: the constraint matrices; Winv: ``(B, m)``.
-        ok: ``(B,)`` True where both factorizations succeeded (elsewhere solves return 0).
+        L: ``(B, n, n)`` Cholesky factor of ``H``.
+        A, G: the constraint matrices; delta: the regularization δ of the multipliers' blocks.
+        d: ``(B, m)`` the diagonal of ``(W + δI)⁻¹``.
+        ok: ``(B,)`` True where the factorization succeeded (elsewhere solves return 0).
     """
 
     L: Tensor
-    LS: Tensor
-    V: Tensor
     A: Tensor
     G: Tensor
-    Winv: Tensor
+    delta: float
+    d: Tensor
     ok: Tensor
 
-    def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Solve ``M z = r`` for right-hand sides of shape ``(..., B, k)`` (extra dims broadcast).
-
-        With ``g = r₁ + GᵀW⁻¹r₃`` and ``y = L⁻¹g``: ``z₂ = S⁻¹(Vᵀy − r₂)``,
-        ``z₁ = L⁻ᵀ(y − V z₂)``, ``z₃ = W⁻¹(G z₁ − r₃)``: two triangular solves with ``L``.
-        """
-        return self.solve_and_product(r1, r2, r3)[:3]
-
     def solve_and_product(self, r1: Tensor | None, r2: Tensor | None, r3: Tensor) -> tuple[Tensor, ...]:
-        """:meth:`solve`'s ``(z₁, z₂, z₃)`` and the product ``G z₁`` it computes on the way;
-        ``r₁ = r₂ = None`` stand for zeros."""
-        g = _mv(self.G.mT, self.Winv * r3)
+        """``(z₁, z₂, z₃, G z₁)`` with ``M_δ z = r`` (module docstring) for right-hand sides
+        ``(..., B, k)``; ``r₁ = r₂ = None`` stand for zeros."""
+        g = mv(self.G.mT, self.d * r3)
         if r1 is not None:
             g = g + r1
-        y = _tri(self.L, g.unsqueeze(-1)).squeeze(-1)
-        if self.A.shape[-2] > 0:
-            Vy = _mv(self.V.mT, y)
-            t = _tri(self.LS, (Vy if r2 is None else Vy - r2).unsqueeze(-1))
-            z2 = _tri(self.LS, t, transpose=True).squeeze(-1)
-            y = y - _mv(self.V, z2)
-        else:
-            z2 = y[..., :0]
-        z1 = _tri(self.L, y.unsqueeze(-1), transpose=True).squeeze(-1)
-        Gz1 = _mv(self.G, z1)
-        z3 = self.Winv * (Gz1 - r3)
+        p = self.A.shape[-2]
+        if r2 is not None and p > 0:
+            g = g + mv(self.A.mT, r2) / self.delta
+        z1 = tri_vec(self.L, tri_vec(self.L, g), transpose=True)
+        Gz1 = mv(self.G, z1)
+        z2 = mv(self.A, z1) if p > 0 else z1[..., :0]
+        if r2 is not None and p > 0:
+            z2 = z2 - r2
+        z2 = z2 / self.delta
+        z3 = self.d * (Gz1 - r3)
         return self._masked(z1, z2, z3, Gz1)
 
+    def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.solve_and_product(r1, r2, r3)[:3]
+
     @classmethod
-    def identity(cls, Q: Tensor, A: Tensor, G: Tensor) -> QPKKTFactor:
+    def identity(cls, Q: Tensor, A: Tensor, G: Tensor, delta: float) -> PrimalKKTFactor:
         """Placeholder factors (identity, ``ok = False``) to be filled with :meth:`put_`."""
-        B, n, p, m = Q.shape[0], Q.shape[-1], A.shape[-2], G.shape[-2]
-        eye = lambda k: torch.eye(k, dtype=Q.dtype, device=Q.device).repeat(B, 1, 1)  # noqa: E731
-        return cls(eye(n), eye(p), Q.new_zeros(B, n, p), A, G, Q.new_ones(B, m),
-                   torch.zeros(B, dtype=torch.bool, device=Q.device))
-
-    def select(self, idx: Tensor) -> QPKKTFactor:
-        return QPKKTFactor(*(t.index_select(0, idx) for t in self._fields()))
-
-    def repeat(self, k: int) -> QPKKTFactor:
-        """The same factors for a batch repeated ``k`` times: ``(k·B, ...)``."""
-        return QPKKTFactor(*(t.repeat(k, *([1] * (t.ndim - 1))) for t in self._fields()))
-
-    def _fields(self) -> tuple[Tensor, ...]:
-        return (self.L, self.LS, self.V, self.A, self.G, self.Winv, self.ok)
+        B, n, m = Q.shape[0], Q.shape[-1], G.shape[-2]
+        L = torch.eye(n, dtype=Q.dtype, device=Q.device).repeat(B, 1, 1)
+        return cls(L, A, G, delta, Q.new_ones(B, m), torch.zeros(B, dtype=torch.bool, device=Q.device))
 
     def _varying(self) -> tuple[Tensor, ...]:
-        return (self.L, self.LS, self.V, self.Winv, self.ok)
+        return (self.L, self.d, self.ok)
 
 
-def factor_qp_kkt(Q: Tensor, A: Tensor, G: Tensor, Winv: Tensor, reg: float) -> QPKKTFactor:
-    """Factor ``M`` for ``Q (B,n,n)``, ``A (B,p,n)``, ``G (B,m,n)`` and ``W⁻¹ (B,m)``."""
-    n, p = Q.shape[-1], A.shape[-2]
-    H = torch.baddbmm(Q, G.mT, G * Winv.unsqueeze(-1))  # one pass: no temporaries of size n²
-    H.diagonal(dim1=-2, dim2=-1).add_(reg)
-    # failed samples keep whatever cholesky_ex left in L: every solve masks them with ``ok``
-    L, info = cholesky_lower(H)
-    ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
-    if p > 0:
-        V = _tri(L, A.mT)
-        S = V.mT @ V
-        S.diagonal(dim1=-2, dim2=-1).add_(reg)
-        LS, info_s = cholesky_lower(S)
-        ok = ok & (info_s == 0) & torch.isfinite(LS.diagonal(dim1=-2, dim2=-1)).all(-1)
-    else:
-        V = Q.new_zeros(Q.shape[0], n, 0)
-        LS = Q.new_zeros(Q.shape[0], 0, 0)
-    return QPKKTFactor(L, LS, V, A, G, Winv, ok)
+class PrimalKKT:
+    """The ``W``-independent part of ``H``, ``Q + ρI + AᵀA/δ``, for a batch; :meth:`factor`
+    adds ``Gᵀ(W + δI)⁻¹G`` and factors.
 
+    Args:
+        Q, A, G: ``(B,n,n)``, ``(B,p,n)``, ``(B,m,n)``.
+        rho, delta: the primal and the equality block's regularizations (absolute: the data
+            is equilibrated).
+        delta_ineq: the inequality block's (default ``delta``; 0 where ``w`` is kept
+            positive, as in an interior point).
+    """
 
-def kkt_matvec(Q: Tensor, A: Tensor, G: Tensor, w: Tensor, z1: Tensor, z2: Tensor, z3: Tensor):
-    """``M z`` with ``M`` built from ``(Q, A, G, w)``; differentiable in every argument."""
-    return (_mv(Q, z1) + _mv(A.mT, z2) + _mv(G.mT, z3), _mv(A, z1), _mv(G, z1) - w * z3)
+    def __init__(self, Q: Tensor, A: Tensor, G: Tensor, rho: float, delta: float,
+                 delta_ineq: float | None = None):
+        H0 = Q.clone()
+        H0.diagonal(dim1=-2, dim2=-1).add_(rho)
+        if A.shape[-2] > 0:
+            H0 = torch.baddbmm(H0, A.mT, A, alpha=1 / delta)
+        self.H0, self.A, self.G, self.rho, self.delta = H0, A, G, rho, delta
+        self.delta_ineq = delta if delta_ineq is None else delta_ineq
 
+    def select(self, idx: Tensor) -> PrimalKKT:
+        out = PrimalKKT.__new__(PrimalKKT)
+        out.H0, out.A, out.G = (t.index_select(0, idx) for t in (self.H0, self.A, self.G))
+        out.rho, out.delta, out.delta_ineq = self.rho, self.delta, self.delta_ineq
+        return out
 
-def refine(fac, Q, A, G, w, r: tuple[Tensor, ...], steps: int = 1) -> tuple[Tensor, ...]:
-    """Solve ``M z = r`` with ``fac`` plus ``steps`` rounds of iterative refinement against the
-    exact ``M`` (removes the regularization ``δ`` and most round-off of large ``W⁻¹``)."""
-    z = fac.solve(*r)
-    for _ in range(steps):
-        Mz = kkt_matvec(Q, A, G, w, *z)
-        dz = fac.solve(*(ri - mi for ri, mi in zip(r, Mz, strict=True)))
-        z = tuple(zi + di for zi, di in zip(z, dz, strict=True))
-    return z
+    def factor(self, w: Tensor, G: Tensor | None = None) -> PrimalKKTFactor:
+        """Factor ``M_δ`` for the diagonal ``w ≥ 0`` (``(B, m)``); ``G`` replaces the stored
+        constraint rows (e.g. masked to the active set)."""
+        G = self.G if G is None else G
+        d = (w + self.delta_ineq).reciprocal()
+        H = torch.baddbmm(self.H0, G.mT, G * d.unsqueeze(-1))
+        L, info = cholesky_lower(H)
+        ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
+        return PrimalKKTFactor(L, self.A, G, self.delta, d, ok)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from implicit_layers.linalg.kkt.inequality import PerSampleFactor, _mv, _tri, cholesky_lower
+from implicit_layers.linalg.kkt.inequality import PerSampleFactor, cholesky_lower, mv, tri
 
 # largest estimated condition number of Q (or A Q⁻¹ Aᵀ) to eliminate through: the reduced
 # order's errors grow with it (x = L⁻ᵀx̃), the other order's much less near the solution
@@ -56,7 +56,7 @@ def _well_conditioned(L: Tensor, info: Tensor, steps: int = 3) -> bool:
     v = torch.randn(n, dtype=L.dtype, generator=gen).to(L.device).expand(*L.shape[:-1]).clone()
     inv_norm = None
     for _ in range(steps):
-        v = _tri(L, _tri(L, v.unsqueeze(-1)), transpose=True).squeeze(-1)
+        v = tri(L, tri(L, v.unsqueeze(-1)), transpose=True).squeeze(-1)
         inv_norm = v.norm(dim=-1, keepdim=True)
         v = v / inv_norm
     cond = L.square().sum((-2, -1)) * inv_norm.squeeze(-1)
@@ -78,14 +78,23 @@ class ReducedQPKKT:
     def select(self, idx: Tensor) -> ReducedQPKKT:
         return ReducedQPKKT(*(t.index_select(0, idx) for t in self._fields()))
 
-    def factor(self, Winv: Tensor, reg: float) -> ReducedQPKKTFactor:
-        """Factor ``K = P + W + δI`` for ``W⁻¹ (B, m)``."""
-        w_reg = Winv.clamp_min(torch.finfo(Winv.dtype).tiny).reciprocal() + reg
+    def factor(self, w: Tensor, reg: float) -> ReducedQPKKTFactor:
+        """Factor ``K = P + W + δI`` for the diagonal ``w ≥ 0`` ``(B, m)``."""
+        w_reg = w + reg
         K = self.P.clone()
         K.diagonal(dim1=-2, dim2=-1).add_(w_reg)
         LK, info = cholesky_lower(K)
         ok = (info == 0) & torch.isfinite(LK.diagonal(dim1=-2, dim2=-1)).all(-1)
         return ReducedQPKKTFactor(self, LK, w_reg, ok)
+
+    def masked(self, keep: Tensor) -> ReducedQPKKT:
+        """The system with the inequality rows outside ``keep`` ``(B, m)`` zeroed (``G`` →
+        ``diag(keep) G``): the derivative system of an active set."""
+        k = keep.to(self.P.dtype)
+        p = self.R.shape[-1]
+        U = torch.cat([self.U[..., :p, :], self.U[..., p:, :] * k.unsqueeze(-1)], dim=-2)
+        return ReducedQPKKT(self.L, U, self.R, self.T * k.unsqueeze(-2),
+                            self.P * k.unsqueeze(-1) * k.unsqueeze(-2))
 
     def _fields(self) -> tuple[Tensor, ...]:
         return (self.L, self.U, self.R, self.T, self.P)
@@ -106,14 +115,14 @@ def reduce_qp_kkt(Q: Tensor, A: Tensor, G: Tensor) -> ReducedQPKKT | None:
     R, info = cholesky_lower(gram[..., :p, :p])
     if not _well_conditioned(R, info):
         return None
-    T = _tri(R, gram[..., :p, p:])
+    T = tri(R, gram[..., :p, p:])
     return ReducedQPKKT(L, U, R, T, torch.baddbmm(gram[..., p:, p:], T.mT, T, alpha=-1))
 
 
 @dataclass
 class ReducedQPKKTFactor(PerSampleFactor):
     """A factorization of ``M`` in the reduced order; same interface as
-    :class:`~implicit_layers.linalg.kkt.inequality.QPKKTFactor`, except that :meth:`solve_and_product`
+    :class:`~implicit_layers.linalg.kkt.inequality.PrimalKKTFactor`, except that :meth:`solve_and_product`
     works in the whitened coordinates ``x̃ = Lᵀx`` in which an interior point iterates
     (see :mod:`implicit_layers.solvers.qp.data`): there ``Q = I`` and ``[A; G] = U``."""
 
@@ -125,8 +134,8 @@ class ReducedQPKKTFactor(PerSampleFactor):
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Solve ``M z = r`` for right-hand sides ``(..., B, k)`` (extra dims broadcast)."""
         L = self.base.L
-        z1, z2, z3, _ = self.solve_and_product(_tri(L, r1.unsqueeze(-1)).squeeze(-1), r2, r3)
-        return _tri(L, z1.unsqueeze(-1), transpose=True).squeeze(-1), z2, z3
+        z1, z2, z3, _ = self.solve_and_product(tri(L, r1.unsqueeze(-1)).squeeze(-1), r2, r3)
+        return tri(L, z1.unsqueeze(-1), transpose=True).squeeze(-1), z2, z3
 
     def solve_and_product(self, r1: Tensor | None, r2: Tensor | None, r3: Tensor) -> tuple[Tensor, ...]:
         """``(z̃₁, z₂, z₃, G z₁)`` for the whitened right-hand side ``(L⁻¹r₁, r₂, r₃)``, ``z₁ = L⁻ᵀz̃₁``
@@ -135,18 +144,18 @@ class ReducedQPKKTFactor(PerSampleFactor):
         b, p = self.base, self.base.R.shape[-1]
         rhs3, u = -r3, None
         if r1 is not None:
-            Uy = _mv(b.U, r1)
+            Uy = mv(b.U, r1)
             rhs3 = rhs3 + Uy[..., p:]
             if p > 0:
-                u = _tri(b.R, (Uy[..., :p] - r2).unsqueeze(-1)).squeeze(-1)
-                rhs3 = rhs3 - _mv(b.T.mT, u)
-        z3 = _tri(self.LK, _tri(self.LK, rhs3.unsqueeze(-1)), transpose=True).squeeze(-1)
+                u = tri(b.R, (Uy[..., :p] - r2).unsqueeze(-1)).squeeze(-1)
+                rhs3 = rhs3 - mv(b.T.mT, u)
+        z3 = tri(self.LK, tri(self.LK, rhs3.unsqueeze(-1)), transpose=True).squeeze(-1)
         if p > 0:
-            t = -_mv(b.T, z3) if u is None else u - _mv(b.T, z3)
-            z2 = _tri(b.R, t.unsqueeze(-1), transpose=True).squeeze(-1)
-            z1 = -_mv(b.U.mT, torch.cat([z2, z3], dim=-1))
+            t = -mv(b.T, z3) if u is None else u - mv(b.T, z3)
+            z2 = tri(b.R, t.unsqueeze(-1), transpose=True).squeeze(-1)
+            z1 = -mv(b.U.mT, torch.cat([z2, z3], dim=-1))
         else:
-            z2, z1 = z3[..., :0], -_mv(b.U.mT, z3)
+            z2, z1 = z3[..., :0], -mv(b.U.mT, z3)
         if r1 is not None:
             z1 = z1 + r1
         return self._masked(z1, z2, z3, r3 + self.w_reg * z3)

@@ -1,12 +1,15 @@
 """The interface of the QP solvers behind :class:`~implicit_layers.QPLayer`.
 
-A :class:`QPSolver` solves a flat batch of convex QPs
+A :class:`QPSolver` solves a flat batch of convex QPs (a
+:class:`~implicit_layers.solvers.qp.problem.QPProblem`)
 
-    min_x ½ xᵀQx + cᵀx   s.t.  Ax = b,  Gx ≤ h
+    min_x ½ xᵀQx + cᵀx   s.t.  Ax = b,  l ≤ Gx ≤ u
 
-and returns a :class:`QPSolution`: the primal-dual point, a per-sample :class:`QPStatus` and a
-factorization of the derivative KKT system at that point, which the layer's backward and JVP
-reuse.
+and returns a :class:`QPSolution`: the primal-dual point (``μ`` signed: positive where the
+upper bound is active, negative where the lower one is), a per-sample :class:`QPStatus`, and
+the factorization of the derivative KKT system at that point
+(:class:`~implicit_layers.solvers.qp.active_set.ActiveSetKKT`), which the layer's backward and
+JVP reuse.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from implicit_layers.stats import SolverStats
 class QPStatus(IntEnum):
     """Per-sample outcome of a QP solve, stored as integer codes in the stats.
 
+    ``CLOSEST_FEASIBLE``: the sample's constraints were infeasible and, under
+    ``QPLayer(infeasible="closest")``, the QP with the least-norm feasible shift of its
+    constraints was solved instead (a success).
+
     >>> import torch, implicit_layers as il
     >>> Q, c = torch.eye(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     >>> G = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
@@ -40,35 +47,47 @@ class QPStatus(IntEnum):
     INFEASIBLE = 2
     UNBOUNDED = 3
     NUMERICAL = 4
+    CLOSEST_FEASIBLE = 5
 
 
 @dataclass
 class QPSolution:
     """What a QP solver returns for a flat batch ``(B,)``.
 
-    ``status`` holds :class:`QPStatus` codes; ``factor`` is the KKT factorization at the
-    returned point (``None`` for solvers without one); ``stats.converged = status == SOLVED``.
+    Attributes:
+        x, lam, mu: the primal-dual point (``mu`` signed; zero on inactive constraints).
+        status: :class:`QPStatus` codes; ``stats.converged = status == SOLVED``.
+        stats: the solve's :class:`~implicit_layers.SolverStats` (``extra["status"]``).
+        derivative: the factorization of the derivative KKT system at the point, or None.
     """
 
     x: Tensor
     lam: Tensor
     mu: Tensor
-    slack: Tensor
     status: Tensor
     stats: SolverStats
-    factor: Any = None
+    derivative: Any = None
 
+    def to(self, dtype) -> QPSolution:
+        """The point and residuals in ``dtype``; the derivative factorization keeps its own
+        (its solves convert right-hand sides and results)."""
+        self.stats.residual = self.stats.residual.to(dtype)
+        return QPSolution(self.x.to(dtype), self.lam.to(dtype), self.mu.to(dtype), self.status,
+                          self.stats, self.derivative)
 
 
 class QPSolver(ABC):
-    """Base of the QP solvers: :meth:`solve` a flat batch, and describe the derivative system.
+    """Base of the QP solvers: :meth:`solve` a flat batch of QPs.
 
-    Subclasses set :attr:`name` and implement :meth:`solve` and :meth:`derivative_system`.
+    Subclasses set :attr:`name` and implement :meth:`solve`.
 
     >>> import torch, implicit_layers as il
+    >>> from implicit_layers.solvers.qp.problem import QPProblem
     >>> Q, c = torch.eye(1, dtype=torch.float64)[None], torch.ones(1, 1, dtype=torch.float64)
-    >>> none, G, h = Q.new_zeros(1, 0, 1), -Q, Q.new_zeros(1, 1)      # x ≥ 0
-    >>> sol = il.InteriorPoint().solve(Q, c, none, none[..., 0], G, h)
+    >>> none, G = Q.new_zeros(1, 0, 1), Q                                   # x ≥ 0
+    >>> inf = torch.full((1, 1), float("inf"), dtype=torch.float64)
+    >>> prob = QPProblem.from_data(Q, c, none, none[..., 0], G, torch.zeros(1, 1, dtype=torch.float64), inf)
+    >>> sol = il.InteriorPoint().solve(prob)
     >>> isinstance(il.InteriorPoint(), il.QPSolver), il.QPStatus(int(sol.status[0])).name
     (True, 'SOLVED')
     """
@@ -76,11 +95,8 @@ class QPSolver(ABC):
     name = "qp"
 
     @abstractmethod
-    def solve(self, Q: Tensor, c: Tensor, A: Tensor, b: Tensor, G: Tensor, h: Tensor) -> QPSolution:
-        """Solve ``Q (B,n,n)``, ``c (B,n)``, ``A (B,p,n)``, ``b (B,p)``, ``G (B,m,n)``,
-        ``h (B,m)``; never raises for a failed sample (its status says why)."""
-
-    @staticmethod
-    @abstractmethod
-    def derivative_system(sol: QPSolution, G: Tensor, h: Tensor, x: Tensor, mu: Tensor):
-        """``(G_eff, w, keep)`` of the derivative KKT matrix at the solution."""
+    def solve(self, problem, detect_infeasibility: bool = True) -> QPSolution:
+        """Solve a :class:`~implicit_layers.solvers.qp.problem.QPProblem`; never raises for a
+        failed sample (its status says why). With ``detect_infeasibility``, samples that end
+        without a solution are checked for infeasible constraints
+        (:mod:`~implicit_layers.solvers.qp.feasibility`)."""

@@ -1,60 +1,53 @@
-"""OSQP forward solver for :class:`~implicit_layers.QPLayer`, with an active-set backward.
+"""OSQP forward solver for :class:`~implicit_layers.QPLayer` (CPU; sparse-friendly).
 
-OSQP (ADMM with solution polishing) runs on the CPU, one sample at a time, on sparse copies
-of the data: tensors are moved to NumPy explicitly and the results back to the input's
-device. It suits sparse or large problems whose dense interior-point factorizations would
-not fit.
+OSQP (ADMM with solution polishing) runs on the CPU in float64, one sample at a time, on
+sparse copies of the data: tensors are moved to NumPy explicitly and the results back to the
+input's device and dtype. Its form ``l ≤ Ax ≤ u`` takes two-sided constraints natively
+(equalities are rows with ``l = u``), and its multipliers have this package's signs.
 
-The backward and JVP use the same derivative KKT matrix as the interior point, at the
-active-set limit ``s/μ → 0`` (active) and ``s/μ → ∞`` (inactive). With the active set
-``𝒜 = {i: sᵢ ≤ active_tol}`` the inactive rows reduce to ``μ̇ᵢ = 0`` and drop out, which is
-the matrix of :mod:`~implicit_layers.layers.qp.kkt_solve` with
-
-    G ← diag(𝟙_𝒜) G,   w = 𝟙 − 𝟙_𝒜,   and block-3 right-hand sides masked by 𝟙_𝒜,
-
-factored once (dense LU of the full KKT matrix, per-sample singularity check) after the
-solve. At strictly complementary solutions the gradients agree with the interior point's.
+The slacks are computed in float64 before anything is rounded to the input dtype, so the
+active set is identified at OSQP's precision also for float32 inputs. Then the solution goes
+through :func:`~implicit_layers.solvers.qp.active_set.derivative_and_polish`, like the
+interior point's: the same derivative system, the same polishing, the same optimality test.
+OSQP's own errors never reach the caller: a non-convex ``Q`` is a ``ValueError``, invalid
+settings are rejected at construction, a numerical failure is a sample's ``NUMERICAL``
+status.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
+
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch import Tensor
 
-from implicit_layers.linalg.dense import lu_factor
+from implicit_layers.core.checks import check_count, check_positive
+from implicit_layers.solvers.qp.active_set import derivative_and_polish
 from implicit_layers.solvers.qp.base import QPSolution, QPSolver, QPStatus
+from implicit_layers.solvers.qp.feasibility import mark_infeasible
+from implicit_layers.solvers.qp.problem import QPProblem
 from implicit_layers.stats import SolverStats
 
-_STATUS = {1: QPStatus.SOLVED, 3: QPStatus.INFEASIBLE, 4: QPStatus.INFEASIBLE,
-           5: QPStatus.UNBOUNDED, 6: QPStatus.UNBOUNDED, 7: QPStatus.MAX_ITER}
+_STATUS = {1: QPStatus.SOLVED, 2: QPStatus.MAX_ITER, 3: QPStatus.INFEASIBLE,
+           4: QPStatus.INFEASIBLE, 5: QPStatus.UNBOUNDED, 6: QPStatus.UNBOUNDED,
+           7: QPStatus.MAX_ITER}
 
 
-class ActiveSetKKTFactor:
-    """LU factors of ``K = [[Q, Aᵀ, Gₐᵀ], [A, 0, 0], [Gₐ, 0, −diag(w)]]`` for a batch."""
-
-    def __init__(self, K: Tensor, n: int, p: int, ok: Tensor):
-        n_all = K.shape[-1]
-        self.n, self.p, self.ok = n, p, ok
-        eye = torch.eye(n_all, dtype=K.dtype, device=K.device)
-        self.LU, self.piv = lu_factor(torch.where(ok[:, None, None], K, eye))
-
-    def solve(self, r1: Tensor, r2: Tensor, r3: Tensor):
-        r = torch.cat([r1, r2, r3], -1).unsqueeze(-1)
-        LU, piv = self.LU, self.piv
-        if r.ndim > LU.ndim:
-            LU = LU.expand(*r.shape[:-2], *LU.shape[-2:])
-            piv = piv.expand(*r.shape[:-2], piv.shape[-1])
-        z = torch.linalg.lu_solve(LU, piv, r).squeeze(-1)
-        z = torch.where(self.ok.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
-        return z[..., : self.n], z[..., self.n: self.n + self.p], z[..., self.n + self.p:]
-
-    def repeat(self, k: int) -> ActiveSetKKTFactor:
-        out = ActiveSetKKTFactor.__new__(ActiveSetKKTFactor)
-        out.n, out.p, out.ok = self.n, self.p, self.ok.repeat(k)
-        out.LU, out.piv = self.LU.repeat(k, 1, 1), self.piv.repeat(k, 1)
-        return out
+@contextmanager
+def _quiet():
+    """Silence OSQP's C-level printing (errors go to the caller as exceptions/statuses)."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1), os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
 
 
 class OSQP(QPSolver):
@@ -63,9 +56,10 @@ class OSQP(QPSolver):
     Args:
         eps_abs, eps_rel: OSQP tolerances (polishing then recovers a near-exact solution).
         max_iter: OSQP's iteration cap.
-        active_tol: a constraint counts as active when its slack is at most
-            ``active_tol · (1 + |hᵢ|)`` (default ``1e-7``).
-        **settings: passed on to ``osqp.OSQP.setup``.
+        tol: the optimality test a solution must pass to be ``SOLVED`` (see
+            :func:`~implicit_layers.solvers.qp.active_set.optimality_residual`; default
+            ``1e-9`` in float64, ``1e-5`` in float32).
+        **settings: passed on to ``osqp.OSQP.setup`` (validated at construction).
 
     >>> import torch, implicit_layers as il
     >>> Q = torch.eye(2, dtype=torch.float64); c = -torch.ones(2, dtype=torch.float64)
@@ -78,64 +72,86 @@ class OSQP(QPSolver):
     name = "OSQP"
 
     def __init__(self, eps_abs: float = 1e-9, eps_rel: float = 1e-9, max_iter: int = 20000,
-                 active_tol: float = 1e-7, **settings):
+                 tol: float | None = None, **settings):
+        check_positive("eps_abs", eps_abs, allow_zero=True)
+        check_positive("eps_rel", eps_rel, allow_zero=True)
+        check_count("max_iter", max_iter)
+        check_positive("tol", tol)
         self.settings = dict(eps_abs=eps_abs, eps_rel=eps_rel, max_iter=max_iter, polishing=True,
                              verbose=False, **settings)
-        self.active_tol = active_tol
+        self.tol = tol
+        self._validate()
 
-    def solve(self, Q, c, A, b, G, h) -> QPSolution:
+    def _validate(self) -> None:
+        """Run OSQP's own settings check on a one-variable problem."""
         import osqp
 
-        device, dtype = Q.device, Q.dtype
-        B, n, p, m = Q.shape[0], Q.shape[-1], A.shape[-2], G.shape[-2]
-        data = [t.detach().cpu().double().numpy() for t in (Q, c, A, b, G, h)]
+        one = sp.csc_matrix(np.ones((1, 1)))
+        try:
+            with _quiet():
+                osqp.OSQP().setup(P=one, q=np.zeros(1), A=one, l=-np.ones(1), u=np.ones(1),
+                                  **self.settings)
+        except Exception as err:  # OSQPException, ValueError, TypeError
+            raise ValueError(f"invalid OSQP settings {self.settings}: {err}") from err
+
+    def solve(self, problem: QPProblem, detect_infeasibility: bool = True) -> QPSolution:
+        import osqp
+
+        P = problem
+        device, dtype = P.c.device, P.c.dtype
+        B, (n, p, m) = P.batch, P.sizes
+        Q, c, A, b, G, lo, up = (t.detach().cpu().double().numpy()
+                                 for t in (P.Q, P.c, P.A, P.b, P.G, P.lower, P.upper))
+        _check_convex(Q)
         xs, ys = np.zeros((B, n)), np.zeros((B, p + m))
         status, iters = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
         for i in range(B):
-            Qi, ci, Ai, bi, Gi, hi = (d[i] for d in data)
             solver = osqp.OSQP()
-            solver.setup(P=sp.triu(sp.csc_matrix(Qi), format="csc"), q=ci,
-                         A=sp.csc_matrix(np.vstack([Ai, Gi])),
-                         l=np.concatenate([bi, np.full(m, -np.inf)]), u=np.concatenate([bi, hi]),
-                         **self.settings)
-            res = solver.solve(raise_error=False)
+            try:
+                with _quiet():
+                    solver.setup(P=sp.triu(sp.csc_matrix(Q[i]), format="csc"), q=c[i],
+                                 A=sp.csc_matrix(np.vstack([A[i], G[i]])),
+                                 l=np.concatenate([b[i], lo[i]]), u=np.concatenate([b[i], up[i]]),
+                                 **self.settings)
+                    res = solver.solve(raise_error=False)
+            except Exception:  # a numerical failure of setup (e.g. huge values)
+                status[i] = QPStatus.NUMERICAL
+                continue
             status[i] = _STATUS.get(int(res.info.status_val), QPStatus.NUMERICAL)
             iters[i] = res.info.iter
-            if status[i] == QPStatus.SOLVED:
+            if status[i] in (QPStatus.SOLVED, QPStatus.MAX_ITER) and np.isfinite(res.x).all():
                 xs[i], ys[i] = res.x, res.y
-        x = torch.as_tensor(xs, dtype=dtype, device=device)
-        y = torch.as_tensor(ys, dtype=dtype, device=device)
-        lam, mu = y[:, :p], y[:, p:].clamp_min(0)
-        slack = h.detach() - (G.detach() @ x.unsqueeze(-1)).squeeze(-1)
+            elif status[i] in (QPStatus.SOLVED, QPStatus.MAX_ITER):
+                status[i] = QPStatus.NUMERICAL
+        Gx = np.einsum("bmn,bn->bm", G, xs)
+        to = dict(dtype=dtype, device=device)
+        x, y = torch.as_tensor(xs, **to), torch.as_tensor(ys, **to)
+        slack_u, slack_l = torch.as_tensor(up - Gx, **to), torch.as_tensor(Gx - lo, **to)
         status_t = torch.as_tensor(status, device=device)
-        solved = status_t == QPStatus.SOLVED
-        active = (slack <= self.active_tol * (1 + h.detach().abs())).to(dtype)
-        K = self._kkt(Q.detach(), A.detach(), G.detach() * active[..., None], 1 - active)
-        factor = ActiveSetKKTFactor(K, n, p, solved)
-        factor.ok = solved & self._nonsingular(factor.LU)
-        factor.active = active
-        res = torch.zeros(B, dtype=dtype, device=device)
-        stats = SolverStats(self.name, torch.as_tensor(iters, device=device), res, solved, evaluations=B)
+        stats = SolverStats(self.name, torch.as_tensor(iters, device=device),
+                            torch.full((B,), float("inf"), **to), status_t == QPStatus.SOLVED,
+                            evaluations=B)
         stats.extra["status"] = status_t
-        return QPSolution(x, lam, mu, slack, status_t, stats, factor)
+        sol = QPSolution(x, y[:, :p], y[:, p:], status_t, stats)
+        tol = self.tol if self.tol is not None else (1e-9 if dtype == torch.float64 else 1e-5)
+        # the derivative system and polishing in float64, like the solve (see InteriorPoint)
+        P64 = P.to(torch.float64)
+        sol64 = QPSolution(*(t.double() for t in (sol.x, sol.lam, sol.mu)), sol.status, sol.stats)
+        scaled, scaling = P64.equilibrated()
+        sol = derivative_and_polish(P64, sol64, slack_u.double(), slack_l.double(), scaled,
+                                    scaling, None, 1e-9, tol).to(dtype)
+        if detect_infeasibility:
+            mark_infeasible(self, P, sol.status, tol)
+        return sol
 
-    @staticmethod
-    def derivative_system(sol: QPSolution, G: Tensor, h: Tensor, x: Tensor, mu: Tensor):
-        """``(diag(𝟙_𝒜) G, 𝟙 − 𝟙_𝒜, 𝟙_𝒜)``: the active-set derivative KKT matrix."""
-        active = sol.factor.active
-        return G * active[..., None], 1 - active, active
 
-    @staticmethod
-    def _kkt(Q: Tensor, A: Tensor, Ga: Tensor, w: Tensor) -> Tensor:
-        B, p, m = Q.shape[0], A.shape[-2], Ga.shape[-2]
-        zero = Q.new_zeros
-        top = torch.cat([Q, A.mT, Ga.mT], -1)
-        mid = torch.cat([A, zero(B, p, p), zero(B, p, m)], -1)
-        bot = torch.cat([Ga, zero(B, m, p), torch.diag_embed(-w)], -1)
-        return torch.cat([top, mid, bot], -2)
-
-    @staticmethod
-    def _nonsingular(LU: Tensor) -> Tensor:
-        d = LU.diagonal(dim1=-2, dim2=-1).abs()
-        rcond = LU.shape[-1] * torch.finfo(LU.dtype).eps
-        return d.amin(-1) > rcond * d.amax(-1)
+def _check_convex(Q: np.ndarray) -> None:
+    """``ValueError`` when some ``Q`` has a clearly negative eigenvalue (OSQP would fail)."""
+    sym = (Q + Q.transpose(0, 2, 1)) / 2
+    low = np.linalg.eigvalsh(sym)[:, 0] if sym.shape[-1] else np.zeros(len(sym))
+    scale = np.abs(sym).reshape(len(sym), -1).max(-1, initial=0.0)
+    bad = low < -1e-9 * (1 + scale)
+    if bad.any():
+        raise ValueError(f"Q must be positive semidefinite (a convex QP): the smallest "
+                         f"eigenvalue is {low.min():.3e} in {int(bad.sum())} of {len(bad)} "
+                         f"samples")

@@ -1,0 +1,155 @@
+"""One call of :class:`~implicit_layers.QPLayer`: its forward solve, residual and pullback.
+
+:class:`QPForward` adapts a :class:`~implicit_layers.QPSolver` to the core's solver interface:
+it flattens the broadcast batch, solves, keeps the solution's active set (the residual and
+the pullback depend on it) and leaves the derivative factorization in ``SolveResult.aux``.
+The residual and the closed-form pullback are derived in :mod:`implicit_layers.layers.qp.layer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from implicit_layers.core.broadcast import outer_sum, sum_to
+from implicit_layers.linalg.base import Factorization
+from implicit_layers.linalg.kkt.inequality import mv
+from implicit_layers.solvers.base import SolveResult
+from implicit_layers.solvers.qp import QPSolver, QPStatus
+from implicit_layers.solvers.qp.active_set import ActiveSetKKT
+from implicit_layers.solvers.qp.problem import QPProblem
+from implicit_layers.stats import SolverStats
+
+ADVICE = {
+    QPStatus.INFEASIBLE: "infeasible (no x satisfies the constraints; pass infeasible='closest' "
+                         "to solve the closest feasible QP)",
+    QPStatus.UNBOUNDED: "unbounded (the objective decreases without bound along a feasible "
+                        "direction where Q is singular)",
+    QPStatus.MAX_ITER: "not solved to tolerance within max_iter (raise max_iter or loosen tol)",
+    QPStatus.NUMERICAL: "numerical failure (a factorization failed or an iterate overflowed; "
+                        "check the data's scale and conditioning)",
+}
+
+
+def split(y: Tensor, n: int, p: int) -> tuple[Tensor, Tensor, Tensor]:
+    return y[..., :n], y[..., n:n + p], y[..., n + p:]
+
+
+def qp_residual(xs, y: Tensor, upper: Tensor, lower: Tensor) -> Tensor:
+    """``F(θ, y)`` of the layer for the active sides ``upper``, ``lower`` (``(*, m)`` masks)."""
+    Q, c, A, b, G, lo, up = xs
+    x, lam, mu = split(y, c.shape[-1], A.shape[-2])
+    active = upper | lower
+    F1 = mv(Q, x) + c + mv(A.mT, lam) + mv(G.mT, torch.where(active, mu, 0.0))
+    F2 = mv(A, x) - b
+    Gx = mv(G, x)
+    F3 = torch.where(upper, Gx - up, torch.where(lower, Gx - lo, -mu))
+    return torch.cat([F1, F2, F3], -1)
+
+
+def qp_pullback(z, w: Tensor, wanted, upper: Tensor, lower: Tensor) -> dict[int, Tensor]:
+    """``{i: θ̄_i}`` for θ = (Q, c, A, b, G, lower, upper) by the closed form."""
+    Q, c, A, b, G, lo, up, y = z
+    n, p = c.shape[-1], A.shape[-2]
+    x, lam, mu = split(y, n, p)
+    w1, w2, w3 = split(w, n, p)
+    active = upper | lower
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    out = {}
+    if 0 in wanted:
+        out[0] = outer_sum(torch.stack([w1, x], -1) * -0.5, torch.stack([x, w1], -1), Q.shape)
+    if 1 in wanted:
+        out[1] = sum_to(-w1, c.shape)
+    if 2 in wanted:
+        out[2] = outer_sum(torch.stack([lam, w2], -1).neg(), torch.stack([w1, x], -1), A.shape)
+    if 3 in wanted:
+        out[3] = sum_to(w2, b.shape)
+    if 4 in wanted:
+        out[4] = outer_sum(torch.stack([torch.where(active, mu, zero), torch.where(active, w3, zero)],
+                                       -1).neg(), torch.stack([w1, x], -1), G.shape)
+    if 5 in wanted:
+        out[5] = sum_to(torch.where(lower, w3, zero), lo.shape)
+    if 6 in wanted:
+        out[6] = sum_to(torch.where(upper, w3, zero), up.shape)
+    return out
+
+
+class QPDerivative(Factorization):
+    """An :class:`~implicit_layers.solvers.qp.active_set.ActiveSetKKT` as the factorization of
+    the layer's Jacobian on stacked vectors ``(*extra, *batch, n + p + m)`` (``K`` is
+    symmetric: the transposed solve is the same solve)."""
+
+    def __init__(self, fac: ActiveSetKKT, batch, sizes: tuple[int, int, int], degenerate: Tensor):
+        self.fac, self.batch, self.sizes, self.degenerate = fac, tuple(batch), sizes, degenerate
+        self.stats = None
+
+    def solve(self, b: Tensor, transpose: bool = False) -> Tensor:
+        n, p, m = self.sizes
+        extra = b.shape[: b.ndim - len(self.batch) - 1]
+        flat = b.reshape(*extra, -1, n + p + m)
+        z = torch.cat(self.fac.solve(*split(flat, n, p)), -1)
+        singular = self.fac.singular.reshape(self.batch)
+        self.stats = SolverStats.exact("active-set KKT", self.batch, device=b.device)
+        self.stats.extra["degenerate"] = singular | self.degenerate
+        return z.reshape(b.shape)
+
+
+class QPForward:
+    """The forward solver of one layer call (see the module docstring).
+
+    Attributes:
+        upper, lower: the active sides of the solution, ``(*batch, m)``, once solved.
+    """
+
+    def __init__(self, solver: QPSolver, infeasible: str):
+        self.solver, self.infeasible = solver, infeasible
+        self.name = solver.name
+        self.upper = self.lower = None
+
+    def residual(self, xs, y: Tensor) -> Tensor:
+        return qp_residual(xs, y, self.upper, self.lower)
+
+    def pullback(self, z, w: Tensor, wanted) -> dict[int, Tensor]:
+        return qp_pullback(z, w, wanted, self.upper, self.lower)
+
+    def solve(self, problem, y0: Tensor) -> SolveResult:
+        Q, c, A, b, G, lower, upper = problem.data
+        batch = y0.shape[:-1]
+        B = batch.numel()
+        n, p, m = c.shape[-1], A.shape[-2], G.shape[-2]
+
+        def flat(t: Tensor, event: int) -> Tensor:
+            ev = t.shape[t.ndim - event:]
+            return t.expand(*batch, *ev).reshape(B, *ev)
+
+        qp = QPProblem.from_data(flat(Q, 2), flat(c, 1), flat(A, 2), flat(b, 1), flat(G, 2),
+                                 flat(lower, 1), flat(upper, 1))
+        sol = self.solver.solve(qp)
+        if self.infeasible == "closest":
+            from implicit_layers.layers.qp.closest import closest_feasible
+
+            sol = closest_feasible(self.solver, qp, sol)
+        finite = lambda t: torch.where(torch.isfinite(t), t, 0.0)  # noqa: E731
+        y = torch.cat([finite(sol.x), finite(sol.lam), finite(sol.mu)], -1).reshape(*batch, -1)
+        fac = sol.derivative
+        self.upper = fac.upper.reshape(*batch, m)
+        self.lower = fac.lower.reshape(*batch, m)
+        stats = _reshaped(sol.stats, batch)
+        stats.solver = self.solver.name
+        stats.extra["failure"] = _failure_message(sol.status, self.solver.name)
+        degenerate = stats.extra.get("degenerate", torch.zeros(batch, dtype=torch.bool, device=y.device))
+        return SolveResult(y, stats, QPDerivative(fac, batch, (n, p, m), degenerate))
+
+
+def _reshaped(stats: SolverStats, batch) -> SolverStats:
+    for name in ("iterations", "residual", "converged"):
+        setattr(stats, name, getattr(stats, name).reshape(batch))
+    stats.extra = {k: v.reshape(tuple(batch) + tuple(v.shape[1:])) if isinstance(v, Tensor) and v.ndim else v
+                   for k, v in stats.extra.items()}
+    return stats
+
+
+def _failure_message(status: Tensor, solver: str) -> str | None:
+    failed = [(s, int((status == s).sum())) for s in ADVICE]
+    failed = [f"{k} {ADVICE[s]}" for s, k in failed if k]
+    return f"({solver}: {'; '.join(failed)})" if failed else None

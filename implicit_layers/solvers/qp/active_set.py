@@ -1,0 +1,226 @@
+"""The active set of a QP solution: its derivative system, polishing, and the optimality test.
+
+At a solution with active set 𝒜 (upper side, lower side, or neither, per row of ``G``), the
+KKT conditions that stay true under a small perturbation of the data are
+
+    F(y) = [ Qx + c + Aᵀλ + Gᵀμ ;  Ax − b ;  a⁺∘(Gx − u) + a⁻∘(Gx − l) − (1 − a)∘μ ] = 0
+
+(``a = a⁺ + a⁻`` the active indicator, ``μ = 0`` off 𝒜), whose Jacobian in ``y = (x, λ, μ)`` is
+
+    K = [ Q   Aᵀ  G_𝒜ᵀ ]
+        [ A   0   0    ],     G_𝒜 = diag(a) G,   W = I − diag(a).
+        [ G_𝒜 0  −W    ]
+
+Every QP solver here ends by factoring ``K`` (:class:`ActiveSetKKT`): the same rule for the
+interior point and OSQP, so the layers' gradients agree at degenerate points too.
+
+*Gradient contract.* Where ``K`` is nonsingular the implicit gradient is exact, also with a
+singular ``Q`` or non-unique multipliers. ``K`` is factored in a quasi-definite
+regularization (:mod:`implicit_layers.linalg.kkt.inequality`) and every solve is refined
+against the exact ``K``; where ``K`` is singular (dependent active constraints such as
+duplicates, an LP at a degenerate vertex, ``x`` not locally unique) the refinement keeps the
+regularized solution's null-space component, a defined and finite choice (the proximal
+point of the regularization, near the minimum-norm solution). Such samples, and samples with
+a weakly active constraint (active with ``μᵢ ≈ 0``, or inactive with zero slack), are flagged
+``degenerate`` (a per-sample mask in the solution's stats and the layer's backward stats).
+
+*Polishing* (after OSQP's idea): the point ``y = K⁻¹ (−c; b; a⁺∘u + a⁻∘l)`` is complementary
+by construction; it replaces the solver's point when it is optimal (multiplier signs, the
+inactive bounds, and the test of :func:`optimality_residual` at ``min(tol, √ε)``, so that a
+loose ``tol`` cannot admit a wrong active set).
+
+*Active set.* Row ``i`` is active on its upper side when ``μᵢ > 0`` and, in the equilibrated
+problem, the multiplier exceeds the slack: ``σμᵢ/E_i ≥ E_i sᵢ⁺`` (at an interior point's
+solution ``s z ≈ τ``: one of the two is tiny, the ratio is scale-free); likewise below.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from implicit_layers.linalg.kkt.inequality import PrimalKKT, kkt_product, mv
+from implicit_layers.linalg.kkt.reduced import ReducedQPKKT
+from implicit_layers.solvers.qp.base import QPSolution, QPStatus
+from implicit_layers.solvers.qp.problem import QPProblem, Scaling, inf_norm
+
+
+def optimality_residual(P: QPProblem, x: Tensor, lam: Tensor, mu: Tensor) -> Tensor:
+    """The largest of the relative primal, dual and complementarity residuals of each sample
+    in the problem's own units (the SOLVED test is ``≤ tol``):
+
+    * ``‖Ax − b‖∞ / (1 + max(‖Ax‖∞, ‖b‖∞))`` and the largest bound violation over
+      ``1 + max(‖Gx‖∞, |finite bounds|∞)``;
+    * ``‖Qx + c + Aᵀλ + Gᵀμ‖∞ / (1 + max(‖Qx‖∞, ‖c‖∞, ‖Aᵀλ‖∞, ‖Gᵀμ‖∞))``, where a multiplier
+      on a side without a bound counts as a violation too;
+    * ``Σᵢ μᵢ⁺ |uᵢ − gᵢᵀx| + μᵢ⁻ |gᵢᵀx − lᵢ| / (1 + |½xᵀQx + cᵀx|)``.
+    """
+    lower, upper = P.finite_bounds()
+    fl, fu = P.has_lower.to(x.dtype), P.has_upper.to(x.dtype)
+    Qx, Ax, Gx, Atl, Gtm = mv(P.Q, x), mv(P.A, x), mv(P.G, x), mv(P.A.mT, lam), mv(P.G.mT, mu)
+    eq = inf_norm(Ax - P.b) / (1 + torch.maximum(inf_norm(Ax), inf_norm(P.b)))
+    viol = torch.maximum(fu * (Gx - upper), fl * (lower - Gx)).clamp_min(0)
+    scale = torch.maximum(inf_norm(Gx), torch.maximum(inf_norm(fu * upper), inf_norm(fl * lower)))
+    ineq = inf_norm(viol) / (1 + scale)
+    mu_up, mu_lo = mu.clamp_min(0), (-mu).clamp_min(0)
+    wrong_side = inf_norm((1 - fu) * mu_up + (1 - fl) * mu_lo)
+    r_d = Qx + P.c + Atl + Gtm
+    dual_scale = torch.maximum(torch.maximum(inf_norm(Qx), inf_norm(P.c)),
+                               torch.maximum(inf_norm(Atl), inf_norm(Gtm)))
+    dual = torch.maximum(inf_norm(r_d), wrong_side) / (1 + dual_scale)
+    gap = (fu * mu_up * (upper - Gx).abs() + fl * mu_lo * (Gx - lower).abs()).sum(-1)
+    obj = 0.5 * (x * Qx).sum(-1) + (P.c * x).sum(-1)
+    return torch.maximum(torch.maximum(eq, ineq), torch.maximum(dual, gap / (1 + obj.abs())))
+
+
+class ActiveSetKKT:
+    """The derivative KKT matrix ``K`` of an active set (module docstring), factored once.
+
+    It is factored on the equilibrated problem, ``K̃ = diag(σD, E_A, E_G) K diag(D, E_A/σ,
+    E_G/σ)``: in the reduced order when the solver left the whitened system of a positive
+    definite ``Q`` (one m × m Cholesky), else in the regularized primal order (n × n).
+
+    Attributes:
+        upper, lower: ``(B, m)`` the active sides.
+        ok: ``(B,)`` the factorization succeeded.
+        singular: ``(B,)`` refinement did not reach the exact ``K`` on the last solve: ``K``
+            is singular (or nearly) for that sample.
+    """
+
+    def __init__(self, problem: QPProblem, scaled: QPProblem, scaling: Scaling,
+                 upper: Tensor, lower: Tensor, reg: float, system: ReducedQPKKT | None = None,
+                 max_refine: int = 8):
+        self.problem, self.scaled, self.scaling = problem, scaled, scaling
+        self.upper, self.lower = upper, lower
+        dtype = problem.c.dtype
+        active = (upper | lower).to(dtype)
+        self.active = active
+        self.G_active = scaled.G * active.unsqueeze(-1)
+        self.w = (1 - active) * scaling.E_G ** 2 / scaling.sigma.unsqueeze(-1)
+        if system is not None:
+            self.fac = system.masked(upper | lower).factor(self.w, reg)
+        else:
+            kkt = PrimalKKT(scaled.Q, scaled.A, self.G_active, rho=reg, delta=reg)
+            self.fac = kkt.factor(self.w)
+        self.ok = self.fac.ok
+        self.max_refine = max_refine
+        self.tol = torch.finfo(dtype).eps ** 0.75
+        self.singular = torch.zeros_like(self.ok)
+
+    def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``K⁻¹ r`` in the problem's own units, refined against the exact ``K``, for
+        right-hand sides ``(..., B, k)``; zero for samples whose factorization failed. The
+        solve runs in the factorization's dtype and returns the right-hand sides'."""
+        given, dtype = r1.dtype, self.problem.c.dtype
+        if given != dtype:
+            return tuple(z.to(given) for z in self.solve(r1.to(dtype), r2.to(dtype), r3.to(dtype)))
+        S = self.scaling
+        sig = S.sigma.unsqueeze(-1)
+        r = (r1 * sig * S.D, r2 * S.E_A, r3 * S.E_G)
+        z = self.fac.solve(*r)
+        P = self.scaled
+        threshold = self.tol * (_stacked_inf(r) + _data_norm(P) * _stacked_inf(z))
+        best = torch.full_like(threshold, float("inf"))
+        for step in range(self.max_refine + 1):
+            res = tuple(ri - ki for ri, ki in
+                        zip(r, kkt_product(P.Q, P.A, self.G_active, self.w, *z), strict=True))
+            err = _stacked_inf(res)
+            done = err <= threshold
+            go = ~done & (err < 0.5 * best)  # samples whose K is singular stall: frozen
+            if step == self.max_refine or not bool(go.any()):
+                break
+            best = torch.minimum(best, err)
+            dz = self.fac.solve(*res)
+            keep = go.unsqueeze(-1)
+            z = tuple(zi + torch.where(keep, di, 0.0) for zi, di in zip(z, dz, strict=True))
+        stuck = ~done
+        self.singular = (stuck.reshape(-1, stuck.shape[-1]).any(0) if stuck.ndim > 1 else stuck) & self.ok
+        keep = self.ok.unsqueeze(-1)
+        z = tuple(torch.where(keep, zi, 0.0) for zi in z)
+        return z[0] * S.D, z[1] * S.E_A / sig, z[2] * S.E_G / sig
+
+    def polish(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The complementary point of this active set: ``K⁻¹ (−c; b; a⁺∘u + a⁻∘l)``."""
+        P = self.problem
+        lower, upper = P.finite_bounds()
+        bound = torch.where(self.upper, upper, torch.where(self.lower, lower, 0.0))
+        return self.solve(-P.c, P.b, bound)
+
+
+def _stacked_inf(vectors: tuple[Tensor, ...]) -> Tensor:
+    return torch.stack([inf_norm(v) for v in vectors]).amax(0)
+
+
+def _data_norm(P: QPProblem) -> Tensor:
+    return 1 + torch.stack([inf_norm(t.flatten(-2)) for t in (P.Q, P.A, P.G)]).amax(0)
+
+
+def classify(scaled_mu: Tensor, scaled_su: Tensor, scaled_sl: Tensor, P: QPProblem):
+    """``(upper, lower)`` active masks from the equilibrated multipliers and slacks."""
+    upper = P.has_upper & (scaled_mu > 0) & (scaled_mu >= scaled_su)
+    lower = P.has_lower & (scaled_mu < 0) & (-scaled_mu >= scaled_sl) & ~upper
+    return upper, lower
+
+
+def derivative_and_polish(problem: QPProblem, sol: QPSolution, slack_u: Tensor, slack_l: Tensor,
+                          scaled: QPProblem, scaling: Scaling, system: ReducedQPKKT | None,
+                          reg: float, tol: float, polish: bool = True) -> QPSolution:
+    """Classify the active set of ``sol``, factor its derivative system, polish the point
+    and return the solution with ``derivative`` set (module docstring).
+
+    ``slack_u``, ``slack_l`` are the solver's slacks in the problem's units (``u − Gx``,
+    ``Gx − l``; anything where a side is absent)."""
+    E, sigma = scaling.E_G, scaling.sigma.unsqueeze(-1)
+    mu_s = sol.mu * sigma / E
+    upper, lower = classify(mu_s, slack_u * E, slack_l * E, problem)
+    fac = ActiveSetKKT(problem, scaled, scaling, upper, lower, reg, system)
+    x, lam, mu = sol.x, sol.lam, sol.mu
+    status = sol.status.clone()
+    usable = fac.ok & (status != QPStatus.INFEASIBLE) & (status != QPStatus.UNBOUNDED)
+    if polish:
+        xp, lp, mp = fac.polish()
+        # where the active constraints are dependent the polished multipliers are one point
+        # of a non-unique set and may have wrong signs; the second candidate is the solver's
+        # own (sign-correct) multipliers, moved onto that set by one more solve with K
+        mu_a = torch.where(upper | lower, mu, 0.0)
+        r_d = mv(problem.Q, xp) + problem.c + mv(problem.A.mT, lam) + mv(problem.G.mT, mu_a)
+        dx, dl, dm = fac.solve(-r_d, torch.zeros_like(lam), torch.zeros_like(mu))
+        candidates = ((xp, lp, mp), (xp + dx, lam + dl, mu_a + dm))
+        accepted = torch.zeros_like(usable)
+        # a loose tol must not admit a wrong active set: the polished point is kept only if
+        # it is optimal to about the square root of the working precision
+        strict = min(tol, torch.finfo(x.dtype).eps ** 0.5)
+        for xc, lc, mc in candidates:
+            right_sign = ((mc >= 0) | ~upper) & ((mc <= 0) | ~lower)
+            res = optimality_residual(problem, xc, lc, torch.where(right_sign, mc, 0.0))
+            accept = usable & ~accepted & right_sign.all(-1) & (res <= strict) & torch.isfinite(res)
+            keep = accept.unsqueeze(-1)
+            x, lam, mu = torch.where(keep, xc, x), torch.where(keep, lc, lam), torch.where(keep, mc, mu)
+            accepted = accepted | accept
+        status = torch.where(accepted, QPStatus.SOLVED, status)
+    active = upper | lower
+    mu = torch.where(active, mu, 0.0)  # exact complementarity off the active set
+    solved = status == QPStatus.SOLVED
+    sol.stats.converged = solved
+    sol.stats.extra["status"] = status
+    sol.stats.residual = torch.where(solved, optimality_residual(problem, x, lam, mu),
+                                     sol.stats.residual)
+    weak = _weakly_active(problem, x, mu, upper, lower, scaling, tol)
+    sol.stats.extra["degenerate"] = (weak | fac.singular) & solved
+    fac.ok = fac.ok & solved
+    return QPSolution(x, lam, mu, status, sol.stats, fac)
+
+
+def _weakly_active(P: QPProblem, x: Tensor, mu: Tensor, upper: Tensor, lower: Tensor,
+                   scaling: Scaling, tol: float) -> Tensor:
+    """Samples with an active constraint whose multiplier vanishes, or an inactive one with
+    zero slack (strict complementarity fails: the solution map has a kink there)."""
+    E, sigma = scaling.E_G, scaling.sigma.unsqueeze(-1)
+    lo, hi = P.finite_bounds()
+    Gx = mv(P.G, x)
+    thresh = max(10 * torch.finfo(x.dtype).eps ** 0.5, tol)
+    z = (mu * sigma / E).abs()
+    su, sl = (hi - Gx) * E, (Gx - lo) * E
+    active = upper | lower
+    tight = (P.has_upper & (su.abs() <= thresh)) | (P.has_lower & (sl.abs() <= thresh))
+    return ((active & (z <= thresh)) | (~active & tight)).any(-1)
