@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+
+from implicit_layers.core.compat import in_forward_ad
 
 
 def jvp(f: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
     """``(f(*primals), J_f(primals) · tangents)``, like ``torch.func.jvp`` for one output."""
-    if forward_ad._current_level < 0:
+    if not in_forward_ad():
         return torch.func.jvp(f, tuple(primals), tuple(tangents))
     out, vjp_fn = torch.func.vjp(f, *primals)
     _, vjp_of_vjp = torch.func.vjp(vjp_fn, torch.zeros_like(out))
