@@ -75,7 +75,7 @@ class SolverStatsLogger(pl.Callback):
             row["train_loss"] = float(loss.detach())
         self.steps.append(row)
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # every val metric has been reduced by now
         if trainer.sanity_checking:
             return
         row = {k: float(v) for k, v in trainer.callback_metrics.items()
