@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.experiments.conftest import needs_layer
 
@@ -43,6 +47,16 @@ def test_multirun_sweeps_seeds_into_separate_run_dirs(tmp_path):
     assert [r["seed"] for r in records] == [0, 1]
     assert records[0]["metrics"]["a"] != records[1]["metrics"]["a"]  # different data
     assert all(f"summary: {p}" in proc.stdout for p in summaries), proc.stdout
+    # the sweep's summary: mean ± std over the two seeds, next to the runs
+    sweep = summaries[0].parents[1]
+    with (sweep / "sweep_summary.csv").open() as fh:
+        rows = {r["metric"]: r for r in csv.DictReader(fh)}
+    values = [r["metrics"]["param_rel_error"] for r in records]
+    assert int(rows["param_rel_error"]["n"]) == 2
+    assert float(rows["param_rel_error"]["mean"]) == pytest.approx(statistics.fmean(values))
+    assert float(rows["param_rel_error"]["std"]) == pytest.approx(statistics.stdev(values))
+    assert "**param_rel_error**" in (sweep / "sweep_summary.md").read_text()
+    assert (sweep / "sweep_summary.png").stat().st_size > 1000
 
 
 @needs_layer("deq_digits")
@@ -51,3 +65,41 @@ def test_default_command_runs_deq_digits(tmp_path):
     (summary,) = tmp_path.glob("deq_digits/*/summary.json")
     assert json.loads(summary.read_text())["experiment"] == "deq_digits"
     assert f"run dir: {summary.parent}" in proc.stdout
+
+
+@needs_layer("deq_digits")
+def test_default_run_logs_its_key_lines_and_keeps_one_checkpoint_per_save(tmp_path):
+    cli("trainer.max_epochs=2", "trainer.limit_train_batches=1", "model.width=16",
+        f"paths.root={tmp_path}")
+    (run_dir,) = (tmp_path / "deq_digits").iterdir()
+    log = (run_dir / "train.log").read_text()
+    assert "seed 0, run dir" in log and "test_acc=" in log and "summary: " in log
+    files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert files == ["epoch=1-step=2.ckpt", "last.ckpt"]
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == "epoch=1-step=2.ckpt"
+
+
+def test_a_run_that_fails_before_any_output_removes_its_directory(tmp_path):
+    proc = cli("experiment=rootfind_eos", "model.a_init=-1", f"paths.root={tmp_path}", check=False)
+    assert proc.returncode != 0
+    assert "removed its directory" in proc.stdout + proc.stderr
+    assert list((tmp_path / "rootfind_eos").iterdir()) == []
+
+
+def test_a_run_that_fails_later_says_where_its_partial_output_is(tmp_path):
+    proc = cli("experiment=rootfind_eos", "data.n=100", "trainer.max_epochs=3",
+               "+callbacks.kill._target_=tests.experiments.test_runs.KillAtEpoch",
+               "+callbacks.kill.epoch=1", f"paths.root={tmp_path}", check=False)
+    assert proc.returncode != 0
+    (run_dir,) = (tmp_path / "rootfind_eos").iterdir()
+    assert f"partial output is in {run_dir}" in proc.stdout
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_help_lists_only_the_groups_train_accepts():
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    names = {line.split(":")[0] for line in groups.splitlines() if ": " in line}
+    assert names == {"callbacks", "data", "experiment", "logger", "model", "trainer"}
+    assert "bench" not in groups

@@ -31,7 +31,8 @@ def test_two_process_ddp_run_matches_single_process_evaluation_of_its_checkpoint
     # the same checkpoint evaluated by one process on the whole test split
     cfg = compose_cfg(*TINY, out=tmp_path / "single")
     datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path / "single")
     (single,) = trainer.test(model, datamodule=datamodule, verbose=False,
                              ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"))
     n_test = len(datamodule.splits["test"])
