@@ -24,8 +24,10 @@ def merge(*row_lists: list[dict]) -> list[dict]:
     return [{k: v for rows in group for k, v in rows.items()} for group in zip(*row_lists)]
 
 
-def test_spans_decades_needs_positive_values_over_two_decades():
+def test_spans_decades_needs_positive_values_two_orders_of_magnitude_apart():
     assert spans_decades([1e-5, 2e-6, 1e-7])
+    assert spans_decades([1.0e-5, 1.4e-7])  # the LQR gain error: 1e-5 ... 1e-7
+    assert not spans_decades([9e-6, 1.1e-7])  # within 1e-6 ... 1e-7 by order: not two decades
     assert not spans_decades([2.3, 0.5])
     assert not spans_decades([1e-5, 0.0])  # zero: no log axis
     assert not spans_decades([1e-5, -1.0])
@@ -43,7 +45,8 @@ def test_solver_panels_show_only_the_solves_that_iterate():
     assert [t.get_text() for t in iters.get_legend().get_texts()] == ["eos/forward_iterations"]
     assert residual.get_yscale() == "log"  # 1e-3 .. 1e-12
     assert iters.get_yscale() == "linear"
-    assert frac.get_ylim() == (0.0, 1.0)
+    low, high = frac.get_ylim()
+    assert low == 0.0 and 1.0 <= high <= 1.05
     plt.close(fig)
 
 
@@ -54,12 +57,15 @@ def test_no_solver_plot_when_every_solve_is_direct(tmp_path):
     assert not (tmp_path / "solver_stats.png").exists()
 
 
-def test_validation_metrics_spanning_decades_get_a_log_axis():
+def test_each_validation_metric_has_its_own_panel_and_decades_get_a_log_axis():
     steps = [{"step": float(i), "train_loss": 2.0 - 0.1 * i} for i in range(5)]
-    evals = [{"step": float(i), "val_loss": 1.5, "val_gain_rel_error": 10.0 ** -(3 + i)}
+    evals = [{"step": float(i), "val_loss": 1.5, "val_gain_rel_error": 10.0 ** -(3 + i),
+              "val_cost_rel_gap": 1e-6 - 1e-6 * i}  # reaches 0 and goes negative: linear
              for i in range(5)]
     fig = training_curves_figure(steps, evals)
-    loss, metrics = fig.axes
+    loss, gap, gain = fig.axes
+    assert (gap.get_title(), gain.get_title()) == ("val_cost_rel_gap", "val_gain_rel_error")
     assert loss.get_yscale() == "linear"  # 2.0 .. 1.6
-    assert metrics.get_yscale() == "log"  # 1e-3 .. 1e-7
+    assert gain.get_yscale() == "log"  # 1e-3 .. 1e-7
+    assert gap.get_yscale() == "linear"
     plt.close(fig)
