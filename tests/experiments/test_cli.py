@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import statistics
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.train import clean_up_failed_run
 from tests.experiments.conftest import needs_layer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,18 +62,13 @@ def test_multirun_sweeps_seeds_into_separate_run_dirs(tmp_path):
 
 
 @needs_layer("deq_digits")
-def test_default_command_runs_deq_digits(tmp_path):
-    proc = cli("trainer.fast_dev_run=true", f"paths.root={tmp_path}")
+def test_default_command_runs_deq_digits_logs_its_key_lines_and_keeps_one_checkpoint_per_save(tmp_path):
+    proc = cli("trainer.max_epochs=2", "trainer.limit_train_batches=1", "model.width=16",
+               f"paths.root={tmp_path}")
     (summary,) = tmp_path.glob("deq_digits/*/summary.json")
+    run_dir = summary.parent
     assert json.loads(summary.read_text())["experiment"] == "deq_digits"
-    assert f"run dir: {summary.parent}" in proc.stdout
-
-
-@needs_layer("deq_digits")
-def test_default_run_logs_its_key_lines_and_keeps_one_checkpoint_per_save(tmp_path):
-    cli("trainer.max_epochs=2", "trainer.limit_train_batches=1", "model.width=16",
-        f"paths.root={tmp_path}")
-    (run_dir,) = (tmp_path / "deq_digits").iterdir()
+    assert f"run dir: {run_dir}" in proc.stdout
     log = (run_dir / "train.log").read_text()
     assert "seed 0, run dir" in log and "test_acc=" in log and "summary: " in log
     files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -86,14 +83,19 @@ def test_a_run_that_fails_before_any_output_removes_its_directory(tmp_path):
     assert list((tmp_path / "rootfind_eos").iterdir()) == []
 
 
-def test_a_run_that_fails_later_says_where_its_partial_output_is(tmp_path):
-    proc = cli("experiment=rootfind_eos", "data.n=100", "trainer.max_epochs=3",
-               "+callbacks.kill._target_=tests.experiments.test_runs.KillAtEpoch",
-               "+callbacks.kill.epoch=1", f"paths.root={tmp_path}", check=False)
-    assert proc.returncode != 0
-    (run_dir,) = (tmp_path / "rootfind_eos").iterdir()
-    assert f"partial output is in {run_dir}" in proc.stdout
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+def test_a_failed_run_with_output_says_where_it_is_and_one_without_is_removed(tmp_path, caplog):
+    kept, empty = tmp_path / "kept", tmp_path / "empty"
+    for run_dir in (kept, empty):
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (run_dir / "train.log").write_text("")
+    (kept / "checkpoints").mkdir()
+    with caplog.at_level(logging.INFO, logger="experiments.train"):
+        clean_up_failed_run(kept)
+        clean_up_failed_run(empty)
+    assert kept.is_dir() and not empty.exists()
+    assert f"partial output is in {kept} (checkpoints)" in caplog.text
+    assert f"removed its directory {empty}" in caplog.text
 
 
 def test_help_lists_only_the_groups_train_accepts():
