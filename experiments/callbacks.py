@@ -52,8 +52,8 @@ class SolverStatsLogger(pl.Callback):
 
     The history (per step: training loss and solver statistics; per validation: the logged
     ``val*`` metrics) is part of the checkpoint, so the plots of a resumed run cover the
-    whole run. At the end of fitting it writes ``training_curves.png`` and
-    ``solver_stats.png`` into ``out_dir``.
+    whole run. At the end of fitting rank 0 writes ``training_curves.png`` and, when some
+    solve iterated, ``solver_stats.png`` into ``out_dir``.
 
     Args:
         out_dir: where the plots go (``None``: the trainer's ``default_root_dir``).
@@ -75,7 +75,7 @@ class SolverStatsLogger(pl.Callback):
             row["train_loss"] = float(loss.detach())
         self.steps.append(row)
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # every val metric has been reduced by now
         if trainer.sanity_checking:
             return
         row = {k: float(v) for k, v in trainer.callback_metrics.items()
@@ -90,8 +90,7 @@ class SolverStatsLogger(pl.Callback):
         out = Path(self.out_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         plot_training_curves(self.steps, self.evals, out / "training_curves.png")
-        if any(k.startswith("solver/") for row in self.steps for k in row):
-            plot_solver_stats(self.steps, out / "solver_stats.png")
+        plot_solver_stats(self.steps, out / "solver_stats.png")  # if some solve iterated
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "evals": self.evals}

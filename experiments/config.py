@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import MISSING, DictConfig, ListConfig
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 @dataclass
@@ -45,7 +46,18 @@ class TrainConfig:
 
 
 def register() -> None:
+    """Store the schema and the ``train_config_groups`` resolver that ``--help`` uses."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("train_config_groups", train_config_groups, replace=True)
+
+
+def train_config_groups() -> str:
+    """``group: option, ...`` for each config group that ``train`` composes: the groups of
+    the schema and ``experiment`` (``configs/bench`` holds the benchmarks' settings instead)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    groups = sorted({f.name for f in fields(TrainConfig)} | {"experiment"})
+    return "".join(f"{g}: {', '.join(sorted(p.stem for p in (configs / g).glob('*.yaml')))}\n"
+                   for g in groups if (configs / g).is_dir())
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -6,6 +6,7 @@ solver outside the autograd graph; the backward pass solves ``(∂_y f)ᵀ w = �
 """
 
 from implicit_layers import functional
+from implicit_layers._version import __version__
 from implicit_layers.core.adjoint import (
     Adjoint,
     DirectAdjoint,

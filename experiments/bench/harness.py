@@ -14,7 +14,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from experiments.tables import markdown_table
+
+# fresh results, relative to the working directory and ignored by git (outputs/); the results
+# quoted in the README are kept apart, in experiments/bench/reference/
+RESULTS = Path("outputs") / "bench"
 
 
 def machine_info() -> dict:
@@ -107,21 +111,6 @@ def ratio(ours: float, theirs: float | None) -> float | None:
     if theirs is None or theirs == 0 or math.isnan(theirs):
         return None
     return ours / theirs
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def write_report(name: str, rows: list[dict], settings: dict, out_dir: Path = RESULTS) -> Path:

@@ -1,11 +1,12 @@
-"""What every task's data module shares: fixed splits of in-memory tensors and a shuffle that
+"""What every task's data module shares: fixed splits of in-memory tensors, a shuffle that
 depends only on (seed, epoch), so that a run resumed from a checkpoint sees the same batches
-as a run that was never interrupted."""
+as a run that was never interrupted, and evaluation shards without padding under DDP."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 
@@ -60,9 +61,26 @@ class TensorDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int | None, shuffle: bool) -> DataLoader:
         data = self.splits[split]
-        size = len(data) if batch_size is None else min(batch_size, len(data))
         sampler = EpochShuffle(len(data), self.seed) if shuffle else None
+        if split != "train" and self.trainer is not None and self.trainer.world_size > 1:
+            sampler = self._eval_shard(split)  # (Lightning shards the training split)
+        size = len(sampler or data) if batch_size is None else min(batch_size, len(data))
         return DataLoader(data, batch_size=size, sampler=sampler)
+
+    def _eval_shard(self, split: str) -> UnrepeatedDistributedSampler:
+        """Rank ``r`` of ``W`` evaluates samples ``r, r + W, ...``: every sample once.
+
+        (Lightning's default ``DistributedSampler`` pads the shards to equal length by
+        repeating samples, which would count those twice in the reduced metrics.) Every rank
+        needs at least one sample, else it would skip the loop and leave the others waiting
+        in the metrics' all-reduce.
+        """
+        world, n = self.trainer.world_size, len(self.splits[split])
+        if n < world:
+            raise ValueError(f"the {split} split has {n} samples, fewer than the {world} ranks "
+                             f"that evaluate it: give it more samples or use fewer devices")
+        return UnrepeatedDistributedSampler(self.splits[split], num_replicas=world,
+                                            rank=self.trainer.global_rank, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=self.batch_size is not None)

@@ -40,7 +40,9 @@ class LQRSystemDataModule(pl.LightningDataModule):
     """A random linear system with some unstable modes, its costs, and the reference solution.
 
     Every "batch" is the system itself (a dict of float64 tensors); ``steps_per_epoch`` sets how
-    many optimizer steps an epoch has.
+    many optimizer steps an epoch has (under DDP, shared among the ranks). The validation and
+    test "split" is the one system: under DDP every rank evaluates it, and since its metrics
+    depend only on the gain, which is the same on every rank, their mean is that value.
 
     Args:
         n, m: state and input dimensions.

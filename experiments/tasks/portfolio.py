@@ -92,9 +92,17 @@ class DecisionFocusedPortfolio(TaskModule):
         Q = self.trainer.datamodule.Q.to(x)
         return 0.5 * torch.einsum("bi,ij,bj->b", x, Q, x) - (mu * x).sum(-1)
 
-    def regret(self, mu_hat: Tensor, mu: Tensor) -> Tensor:
+    def regret(self, mu_hat: Tensor, mu: Tensor, split: str) -> Tensor:
+        """This batch's share of the split's normalized regret: ``Σ_batch [f(x(μ̂); μ) −
+        f(x(μ); μ)]`` over ``Σ_split |f(x(μ); μ)|``. Logged with ``reduce_fx="sum"``, the shares
+        add up to the split's regret however the split is batched or sharded across ranks."""
         best = self.true_cost(self.decide(mu), mu)
-        return (self.true_cost(self.decide(mu_hat), mu) - best).sum() / best.abs().sum()
+        return (self.true_cost(self.decide(mu_hat), mu) - best).sum() / self._regret_scale(split)
+
+    def _regret_scale(self, split: str) -> Tensor:
+        """``Σ |f(x(μ); μ)|`` over the whole split (every rank holds all of it)."""
+        mu = self.trainer.datamodule.splits[split].tensors[1].to(self.device)
+        return self.true_cost(self.decide(mu), mu).abs().sum()
 
     def training_step(self, batch, _idx):
         phi, mu = batch
@@ -104,8 +112,8 @@ class DecisionFocusedPortfolio(TaskModule):
 
     def validation_step(self, batch, _idx):
         phi, mu = batch
-        self.log_dict({"val_loss": self.true_cost(self.decide(self.predict(phi)), mu).mean(),
-                       "val_regret": self.regret(self.predict(phi), mu)}, prog_bar=True)
+        self.log("val_loss", self.true_cost(self.decide(self.predict(phi)), mu).mean(), prog_bar=True)
+        self.log("val_regret", self.regret(self.predict(phi), mu, "val"), prog_bar=True, reduce_fx="sum")
 
     def test_step(self, batch, _idx):
         phi, mu = batch
@@ -114,7 +122,7 @@ class DecisionFocusedPortfolio(TaskModule):
         design = torch.cat([phi_tr, torch.ones(len(phi_tr), 1, dtype=phi_tr.dtype)], dim=1)
         coef = torch.linalg.lstsq(design.to(mu), mu_tr.to(mu)).solution
         mu_two_stage = torch.cat([phi, torch.ones(len(phi), 1).to(phi)], dim=1) @ coef
-        mse = lambda pred: float(((pred - mu) ** 2).mean())  # noqa: E731
-        self.log_dict({"test_regret": self.regret(self.predict(phi), mu),
-                       "two_stage_regret": self.regret(mu_two_stage, mu),
-                       "test_mse": mse(self.predict(phi)), "two_stage_mse": mse(mu_two_stage)})
+        mse = lambda pred: ((pred - mu) ** 2).mean()  # noqa: E731
+        self.log_dict({"test_regret": self.regret(self.predict(phi), mu, "test"),
+                       "two_stage_regret": self.regret(mu_two_stage, mu, "test")}, reduce_fx="sum")
+        self.log_dict({"test_mse": mse(self.predict(phi)), "two_stage_mse": mse(mu_two_stage)})

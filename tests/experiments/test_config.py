@@ -71,3 +71,17 @@ def test_unimportable_target_is_named(tmp_path):
                       out=tmp_path)
     with pytest.raises(ValueError, match=r"config model: cannot import _target_ .*Nope"):
         check_config(cfg)
+
+
+def test_the_slurm_launcher_config_runs_one_task_per_device():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer.devices=4",
+                                          "trainer.num_nodes=2", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.nodes, launcher.partition) == (4, 2, "gpu")
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "experiments.sweep.SweepSummary"
