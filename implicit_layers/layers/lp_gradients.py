@@ -55,7 +55,8 @@ class SmoothedLP(nn.Module):
         on_failure: ``"raise"`` (default) or ``"warn"``, as for :class:`~implicit_layers.QPLayer`.
 
     ``forward(c, A=None, b=None, G=None, h=None) -> x`` with ``c (*, n)`` and the constraints
-    shaped as for :class:`~implicit_layers.QPLayer`; leading dims broadcast.
+    shaped as for :class:`~implicit_layers.QPLayer`; leading dims broadcast. The solver's
+    statistics are in ``layer.qp.stats``.
 
     >>> import torch, implicit_layers as il
     >>> c = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
@@ -72,11 +73,6 @@ class SmoothedLP(nn.Module):
         super().__init__()
         self.gamma = _positive("gamma", gamma)
         self.qp = QPLayer(solver=solver, on_failure=on_failure)
-
-    @property
-    def stats(self):
-        """The :class:`~implicit_layers.LayerStats` of the latest QP solve."""
-        return self.qp.stats
 
     def forward(self, c: Tensor, A=None, b=None, G=None, h=None) -> Tensor:
         c = check_tensor("c", c, min_ndim=1)
@@ -111,7 +107,8 @@ class PerturbedLP(nn.Module):
         on_failure: ``"raise"`` (default) or ``"warn"``, as for :class:`~implicit_layers.QPLayer`.
 
     ``forward(c, A=None, b=None, G=None, h=None, *, noise=None) -> y`` with ``c (*, n)``;
-    ``noise (S, *c.shape)`` replaces the draw (common random numbers, tests).
+    ``noise (S, *c.shape)`` replaces the draw (common random numbers, tests). The statistics
+    of the latest batch of LP solves are in ``layer.qp.stats``.
 
     >>> import torch, implicit_layers as il
     >>> c = torch.tensor([1.0, 1.2], dtype=torch.float64, requires_grad=True)
@@ -136,11 +133,6 @@ class PerturbedLP(nn.Module):
         self.samples, self.seed, self.generator = samples, int(seed), generator
         self._generators: dict[torch.device, torch.Generator] = {}
         self.qp = QPLayer(solver=solver, on_failure=on_failure)
-
-    @property
-    def stats(self):
-        """The :class:`~implicit_layers.LayerStats` of the latest batch of LP solves."""
-        return self.qp.stats
 
     def draw(self, c: Tensor) -> Tensor:
         """Standard normal noise ``(samples, *c.shape)`` from the layer's generator."""
