@@ -93,13 +93,20 @@ class PerturbedLP(nn.Module):
     Monte-Carlo mean ``ŷ = (1/S) Σₛ x*(c + σZₛ)``, whose gradient is the estimator
     ``Ĵ = (1/(σS)) Σₛ x*(c + σZₛ) Zₛᵀ`` from the same solves (no extra solve in the backward).
 
+    With ``variance_reduction=True`` (default) each ``Xₛ`` is centred by the mean of the
+    other samples, ``X̄₋ₛ``, which is independent of ``Zₛ``: since ``E[Zₛ] = 0`` the estimator
+    stays unbiased, and it simplifies to ``Ĵ = (1/(σ(S − 1))) Σₛ (Xₛ − X̄) Zₛᵀ`` (``X̄`` the
+    mean of all samples). It removes the term ``E[x] Zᵀ`` whose mean is zero but whose
+    spread grows like ``‖E[x]‖ / σ``.
+
     Gradients flow to ``c`` only: constraints that require grad raise ``ValueError``. Double
     backward returns zero (the estimator ``Ĵ`` does not depend on ``c`` once drawn), and
     ``torch.func.vmap`` needs the noise passed in (random draws are not batched).
 
     Args:
         sigma: the noise scale ``σ > 0`` (relative to the scale of ``c``).
-        samples: Monte-Carlo samples ``S`` per call.
+        samples: Monte-Carlo samples ``S`` per call (at least 2 with ``variance_reduction``).
+        variance_reduction: centre the samples by the leave-one-out mean in the gradient.
         seed: seeds the layer's own noise generator (one per device, created on first use);
             a run is reproducible, successive calls draw fresh noise.
         generator: a ``torch.Generator`` to draw from instead (on ``c``'s device).
@@ -122,15 +129,19 @@ class PerturbedLP(nn.Module):
     tensor([-0.5000,  0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, sigma: float = 1.0, samples: int = 8, *, seed: int = 0,
-                 generator: torch.Generator | None = None, solver=None, on_failure: str = "raise"):
+    def __init__(self, sigma: float = 1.0, samples: int = 8, *, variance_reduction: bool = True,
+                 seed: int = 0, generator: torch.Generator | None = None, solver=None,
+                 on_failure: str = "raise"):
         super().__init__()
         self.sigma = _positive("sigma", sigma)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        if variance_reduction and samples < 2:
+            raise ValueError("samples must be >= 2 with variance_reduction=True (a leave-one-out mean)")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        self.samples, self.seed, self.generator = samples, int(seed), generator
+        self.samples, self.variance_reduction = samples, bool(variance_reduction)
+        self.seed, self.generator = int(seed), generator
         self._generators: dict[torch.device, torch.Generator] = {}
         self.qp = QPLayer(solver=solver, on_failure=on_failure)
 
@@ -163,11 +174,17 @@ class PerturbedLP(nn.Module):
         X, Z = self.solve(c, A, b, G, h, noise=noise)
         # Value-preserving construction of the estimator (no autograd.Function): with
         # δ = c − c.detach(), whose value is exactly 0 and whose derivative is the identity,
-        #     y = ŷ + (1/(σS)) Σₛ Xₛ ⟨Zₛ, δ⟩
-        # equals ŷ in value, and its pushforward is ẏ = (1/(σS)) Σₛ Xₛ ⟨Zₛ, ċ⟩ = Ĵ ċ; the pullback
-        # of ȳ is c̄ = (1/(σS)) Σₛ Zₛ ⟨Xₛ, ȳ⟩ = Ĵᵀ ȳ. O(S·n) memory per sample: Ĵ is never formed.
+        #     y = ŷ + (1/(σS')) Σₛ X'ₛ ⟨Zₛ, δ⟩,   X'ₛ = Xₛ, S' = S   (X'ₛ = Xₛ − ŷ, S' = S − 1)
+        # equals ŷ in value, and its pushforward is ẏ = (1/(σS')) Σₛ X'ₛ ⟨Zₛ, ċ⟩ = Ĵ ċ; the
+        # pullback of ȳ is c̄ = (1/(σS')) Σₛ Zₛ ⟨X'ₛ, ȳ⟩ = Ĵᵀ ȳ. O(S·n) memory per sample: Ĵ is
+        # never formed.
+        y_hat = X.mean(0)
+        if self.variance_reduction:
+            X, count = X - y_hat, self.samples - 1
+        else:
+            count = self.samples
         delta = c - c.detach()
-        return X.mean(0) + (X * (Z * delta).sum(-1, keepdim=True)).mean(0) / self.sigma
+        return y_hat + (X * (Z * delta).sum(-1, keepdim=True)).sum(0) / (self.sigma * count)
 
     def fenchel_young_loss(self, c: Tensor, target: Tensor, A=None, b=None, G=None, h=None, *,
                            noise=None) -> Tensor:

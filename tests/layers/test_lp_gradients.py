@@ -111,42 +111,50 @@ def test_smoothed_lp_vmap_and_batch_equal_per_sample_calls():
 # ---------------------------------------------------------------- PerturbedLP
 
 
-def reference_estimator(c, sigma, Z, paths, y_bar):
-    """The defining formulas, from brute-force solutions: value (1/S) Σ x*(c + σZₛ) and
-    vector-Jacobian product (1/(σS)) Σ Zₛ ⟨x*(c + σZₛ), ȳ⟩."""
+def reference_estimator(c, sigma, Z, paths, y_bar, loo=False):
+    """The defining formulas, from brute-force solutions Xₛ = x*(c + σZₛ): value (1/S) Σ Xₛ,
+    Jacobian (1/(σS)) Σ Xₛ Zₛᵀ, or with the leave-one-out baseline (loo)
+    (1/(σS)) Σ (Xₛ − mean of the other samples) Zₛᵀ, written literally."""
     X = brute_force_lp(c + sigma * Z, paths)
-    value = X.mean(0)
-    vjp = (Z * (X * y_bar).sum(-1, keepdim=True)).mean(0) / sigma
-    jvp = lambda dc: (X * (Z * dc).sum(-1, keepdim=True)).mean(0) / sigma  # noqa: E731
-    return X, value, vjp, jvp
+    S = len(X)
+    if loo:
+        J = sum(torch.einsum("...i,...j->...ij", X[s] - (X.sum(0) - X[s]) / (S - 1), Z[s])
+                for s in range(S)) / (sigma * S)
+    else:
+        J = sum(torch.einsum("...i,...j->...ij", X[s], Z[s]) for s in range(S)) / (sigma * S)
+    vjp = torch.einsum("...ij,...i->...j", J, y_bar)
+    jvp = lambda dc: torch.einsum("...ij,...j->...i", J, dc)  # noqa: E731
+    return X, X.mean(0), vjp, jvp
 
 
-def test_perturbed_lp_value_and_gradient_are_the_monte_carlo_estimator():
+@pytest.mark.parametrize("loo", [False, True])
+def test_perturbed_lp_value_and_gradient_are_the_monte_carlo_estimator(loo):
     A, b, G, h = shortest_path_lp(GRID)
     paths = grid_paths(GRID)
     gen = torch.Generator().manual_seed(4)
     c = (torch.rand(3, A.shape[1], dtype=D, generator=gen) + 0.2).requires_grad_()
     sigma, S, seed = 0.3, 16, 11
-    y = il.PerturbedLP(sigma, S, seed=seed)(c, A, b, G, h)
+    y = il.PerturbedLP(sigma, S, seed=seed, variance_reduction=loo)(c, A, b, G, h)
     Z = torch.randn(S, *c.shape, dtype=D, generator=torch.Generator().manual_seed(seed))  # the seeded draw
     y_bar = torch.randn(c.shape, dtype=D, generator=gen)
-    _, value, vjp, jvp = reference_estimator(c.detach(), sigma, Z, paths, y_bar)
+    _, value, vjp, jvp = reference_estimator(c.detach(), sigma, Z, paths, y_bar, loo)
     torch.testing.assert_close(y, value, atol=1e-7, rtol=0)
     (g,) = torch.autograd.grad((y * y_bar).sum(), c)
     torch.testing.assert_close(g, vjp, atol=1e-6, rtol=0)
     # forward mode: the same estimator applied to a tangent
     dc = torch.randn(c.shape, dtype=D, generator=gen)
-    layer = il.PerturbedLP(sigma, S, seed=seed)
+    layer = il.PerturbedLP(sigma, S, seed=seed, variance_reduction=loo)
     _, tangent = torch.func.jvp(lambda c: layer(c, A, b, G, h), (c.detach(),), (dc,))
     torch.testing.assert_close(tangent, jvp(dc), atol=1e-6, rtol=0)
 
 
-def test_perturbed_lp_estimator_is_unbiased_on_a_two_vertex_lp():
+@pytest.mark.parametrize("loo", [False, True])
+def test_perturbed_lp_estimator_is_unbiased_on_a_two_vertex_lp(loo):
     # min c₁x₁ + c₂x₂ on the 2-simplex: x* = e₁ iff c₁ + σZ₁ < c₂ + σZ₂, so with Δ = c₂ − c₁,
     # s = σ√2: y₁ = Φ(Δ/s) and ∂y₁/∂c₁ = −φ(Δ/s)/s = −∂y₁/∂c₂.
     sigma, S = 0.5, 20000
     c = torch.tensor([1.0, 1.3], dtype=D, requires_grad=True)
-    y = il.PerturbedLP(sigma, S, seed=0)(c, *simplex(2))
+    y = il.PerturbedLP(sigma, S, seed=0, variance_reduction=loo)(c, *simplex(2))
     (g,) = torch.autograd.grad(y[0], c)
     s, t = sigma * math.sqrt(2), 0.3 / (sigma * math.sqrt(2))
     y1 = 0.5 * (1 + math.erf(t / math.sqrt(2)))
@@ -227,6 +235,9 @@ def test_bad_arguments_are_named():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="samples"):
             il.PerturbedLP(1.0, bad)
+    with pytest.raises(ValueError, match="samples must be >= 2 with variance_reduction"):
+        il.PerturbedLP(1.0, 1)
+    il.PerturbedLP(1.0, 1, variance_reduction=False)  # one sample is a valid plain estimator
     with pytest.raises(ValueError, match="generator"):
         il.PerturbedLP(1.0, generator=0)
     with pytest.raises(ValueError, match="noise must have shape"):
