@@ -86,9 +86,10 @@ class ShortestPathDataModule(TensorDataModule):
 
 
 def train_spo_plus(phi: Tensor, c: Tensor, x: Tensor, grid, *, epochs: int, lr: float,
-                   batch_size: int, seed: int) -> nn.Linear:
+                   batch_size: int, seed: int, max_steps: int | None = None) -> nn.Linear:
     """A linear cost model trained with PyEPO's SPO+ loss and its OR-Tools shortest-path model
-    (Adam, the given epochs and batch size), in float32 as PyEPO computes."""
+    (Adam, the given epochs and batch size, at most ``max_steps`` steps), in float32 as PyEPO
+    computes."""
     from pyepo.func import SPOPlus
     from pyepo.model.ort import shortestPathModel
 
@@ -100,12 +101,13 @@ def train_spo_plus(phi: Tensor, c: Tensor, x: Tensor, grid, *, epochs: int, lr: 
     phi, c, x = phi.float(), c.float(), x.float()
     z = (c * x).sum(-1, keepdim=True)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(phi), generator=gen).split(batch_size):
-            loss = spo(model(phi[idx]), c[idx], x[idx], z[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    batches = [idx for _ in range(epochs)
+               for idx in torch.randperm(len(phi), generator=gen).split(batch_size)]
+    for idx in batches[:max_steps]:
+        loss = spo(model(phi[idx]), c[idx], x[idx], z[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return model
 
 
@@ -129,7 +131,8 @@ class DecisionFocusedShortestPath(TaskModule):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if loss == "fenchel_young" and not hasattr(surrogate, "fenchel_young_loss"):
-            raise ValueError(f"loss='fenchel_young' needs a PerturbedLP surrogate, got {type(surrogate).__name__}")
+            raise ValueError("loss='fenchel_young' needs a PerturbedLP surrogate, "
+                             f"got {type(surrogate).__name__}")
         self.surrogate, self.loss_name, self.solver = surrogate, loss, solver
         self.grid, self.spo_plus = tuple(grid), dict(spo_plus or {"epochs": 10, "lr": 0.01, "batch_size": 32})
         for i, t in enumerate(shortest_path_lp(self.grid)):
@@ -141,13 +144,16 @@ class DecisionFocusedShortestPath(TaskModule):
     def lp(self) -> tuple[Tensor, ...]:
         return self.lp0, self.lp1, self.lp2, self.lp3
 
-    def training_step(self, batch, _idx):
-        phi, c, x, _ = batch
+    def surrogate_loss(self, phi: Tensor, c: Tensor, x: Tensor) -> Tensor:
+        """The training loss of a batch: features, true costs, true shortest paths."""
         c_hat = self.predict(phi)
         if self.loss_name == "fenchel_young":
-            loss = self.surrogate.fenchel_young_loss(c_hat, x, *self.lp).mean()
-        else:
-            loss = (self.surrogate(c_hat, *self.lp) * c).sum(-1).mean()
+            return self.surrogate.fenchel_young_loss(c_hat, x, *self.lp).mean()
+        return (self.surrogate(c_hat, *self.lp) * c).sum(-1).mean()
+
+    def training_step(self, batch, _idx):
+        phi, c, x, _ = batch
+        loss = self.surrogate_loss(phi, c, x)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -175,6 +181,7 @@ class DecisionFocusedShortestPath(TaskModule):
         self.two_stage = torch.linalg.lstsq(design, c).solution
         with torch.inference_mode(False), torch.enable_grad():  # the test loop disables autograd
             self.spo_plus_model = train_spo_plus(phi, c, x, self.grid, seed=self.trainer.datamodule.seed,
+                                                 max_steps=1 if self.trainer.fast_dev_run else None,
                                                  **self.spo_plus)
 
     def test_step(self, batch, _idx):
