@@ -248,3 +248,15 @@ def test_bad_arguments_are_named():
         il.SmoothedLP(1.0)(torch.ones(3, dtype=torch.int64), A, b, G, h)
     with pytest.raises(ValueError, match="target"):
         il.PerturbedLP(1.0, 4).fenchel_young_loss(c, torch.ones(3, dtype=torch.int64), A, b, G, h)
+
+
+def test_functional_forms_equal_the_layers():
+    from implicit_layers import functional as F
+
+    A, b, G, h = shortest_path_lp(GRID)
+    c = torch.rand(2, A.shape[1], dtype=D, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(F.smoothed_lp(c, A, b, G, h, gamma=0.5), il.SmoothedLP(0.5)(c, A, b, G, h),
+                               rtol=0, atol=0)
+    expected = il.PerturbedLP(0.3, 4, seed=2)(c, A, b, G, h)
+    torch.testing.assert_close(F.perturbed_lp(c, A, b, G, h, sigma=0.3, samples=4, seed=2), expected,
+                               rtol=0, atol=0)
