@@ -3,8 +3,8 @@
 From features ``φ`` a linear model predicts the arc costs ``ĉ`` of a grid; the decision is the
 shortest path ``x*(ĉ) = argmin ĉᵀx`` over the flow polytope
 (:func:`implicit_layers.testing.lp_problems.shortest_path_lp`). Since ``x*`` is piecewise
-constant, training goes through a surrogate: ``il.PerturbedLP`` (Fenchel–Young loss, or the
-true cost of the expected decision) or ``il.SmoothedLP`` (true cost of the smoothed decision).
+constant, training goes through a surrogate, ``il.PerturbedLP`` or ``il.SmoothedLP``, with its
+Fenchel–Young loss towards the true shortest path or the true cost of its decision.
 Data: ``pyepo.data.shortestpath.genData`` (costs polynomial of degree ``deg`` in the features,
 so a linear model is misspecified for ``deg > 1``, times uniform noise of half-width
 ``noise_width``).
@@ -116,8 +116,9 @@ class DecisionFocusedShortestPath(TaskModule):
 
     Args:
         surrogate: ``il.PerturbedLP`` or ``il.SmoothedLP`` (built by the config).
-        loss: ``"fenchel_young"`` (needs ``PerturbedLP``: ``⟨ĉ, x*(c)⟩ − F̂(ĉ)``) or
-            ``"decision"`` (the true cost ``cᵀx̃(ĉ)`` of the surrogate's decision).
+        loss: ``"fenchel_young"`` (the surrogate's Fenchel–Young loss towards the true
+            shortest path ``x*(c)``) or ``"decision"`` (the true cost ``cᵀx̃(ĉ)`` of the
+            surrogate's decision).
         n_features, grid: the predictor's input size and the grid.
         spo_plus: settings of the SPO+ baseline, ``{epochs, lr, batch_size}``.
         solver: the LP solver used to score decisions (default ``il.InteriorPoint()``).
@@ -131,8 +132,8 @@ class DecisionFocusedShortestPath(TaskModule):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if loss == "fenchel_young" and not hasattr(surrogate, "fenchel_young_loss"):
-            raise ValueError("loss='fenchel_young' needs a PerturbedLP surrogate, "
-                             f"got {type(surrogate).__name__}")
+            raise ValueError("loss='fenchel_young' needs a surrogate with a fenchel_young_loss "
+                             f"(PerturbedLP, SmoothedLP), got {type(surrogate).__name__}")
         self.surrogate, self.loss_name, self.solver = surrogate, loss, solver
         self.grid, self.spo_plus = tuple(grid), dict(spo_plus or {"epochs": 10, "lr": 0.01, "batch_size": 32})
         for i, t in enumerate(shortest_path_lp(self.grid)):
@@ -196,5 +197,8 @@ class DecisionFocusedShortestPath(TaskModule):
 
     def on_test_epoch_end(self):
         r = self._regrets()
+        # oracle_ratio: the two_stage_ratio of the Bayes-optimal decisions, which no predictor
+        # of the costs can beat in expectation
         self.log_dict({**r, "spo_plus_ratio": r["test_regret"] / r["spo_plus_regret"],
-                       "two_stage_ratio": r["test_regret"] / r["two_stage_regret"]})
+                       "two_stage_ratio": r["test_regret"] / r["two_stage_regret"],
+                       "oracle_ratio": r["oracle_regret"] / r["two_stage_regret"]})

@@ -90,6 +90,7 @@ def test_spo_plus_baseline_learns(data):
     (il.PerturbedLP(0.5, 4), "fenchel_young"),
     (il.PerturbedLP(0.5, 4), "decision"),
     (il.SmoothedLP(1.0), "decision"),
+    (il.SmoothedLP(1.0), "fenchel_young"),
 ])
 def test_each_surrogate_loss_reaches_the_predictor(data, surrogate, loss):
     model = DecisionFocusedShortestPath(torch.optim.Adam, surrogate, loss=loss)
@@ -102,7 +103,7 @@ def test_each_surrogate_loss_reaches_the_predictor(data, surrogate, loss):
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="loss must be one of"):
         DecisionFocusedShortestPath(torch.optim.Adam, il.PerturbedLP(), loss="mse")
-    with pytest.raises(ValueError, match="needs a PerturbedLP"):
-        DecisionFocusedShortestPath(torch.optim.Adam, il.SmoothedLP(), loss="fenchel_young")
+    with pytest.raises(ValueError, match="needs a surrogate with a fenchel_young_loss"):
+        DecisionFocusedShortestPath(torch.optim.Adam, torch.nn.Identity(), loss="fenchel_young")
     with pytest.raises(ValueError, match="n_train, n_val and n_test"):
         ShortestPathDataModule(n_val=0)

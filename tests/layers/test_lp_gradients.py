@@ -108,6 +108,25 @@ def test_smoothed_lp_vmap_and_batch_equal_per_sample_calls():
     torch.testing.assert_close(mapped, batched, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_smoothed_fenchel_young_loss_on_the_simplex(gamma):
+    # L(c; w) = cᵀw + ½γ‖w‖² − min_x (cᵀx + ½γ‖x‖²) with the minimizer Π_simplex(−c/γ)
+    gen = torch.Generator().manual_seed(9)
+    c = torch.randn(4, 5, dtype=D, generator=gen, requires_grad=True)
+    w = torch.rand(4, 5, dtype=D, generator=gen)
+    w = w / w.sum(-1, keepdim=True)  # feasible targets
+    layer = il.SmoothedLP(gamma)
+    loss = layer.fenchel_young_loss(c, w, *simplex(5))
+    x = project_simplex(-c.detach() / gamma)
+    f = lambda v: (c.detach() * v).sum(-1) + gamma / 2 * v.square().sum(-1)  # noqa: E731
+    torch.testing.assert_close(loss, f(w) - f(x), atol=1e-8, rtol=0)
+    assert bool((loss > 0).all())
+    (g,) = torch.autograd.grad(loss.sum(), c)
+    torch.testing.assert_close(g, w - x, atol=1e-8, rtol=0)
+    torch.testing.assert_close(layer.fenchel_young_loss(c.detach(), x, *simplex(5)), torch.zeros(4, dtype=D),
+                               atol=1e-8, rtol=0)
+
+
 # ---------------------------------------------------------------- PerturbedLP
 
 
