@@ -2,7 +2,8 @@
 
 From features ``φ`` a linear model predicts the arc costs ``ĉ`` of a grid; the decision is the
 shortest path ``x*(ĉ) = argmin ĉᵀx`` over the flow polytope
-(:func:`implicit_layers.testing.lp_problems.shortest_path_lp`). Since ``x*`` is piecewise
+(:func:`implicit_layers.testing.lp_problems.shortest_path_lp`, with the redundant conservation
+row dropped: with it, the interior point ended about a third of these LPs ``NUMERICAL``). Since ``x*`` is piecewise
 constant, training goes through a surrogate, ``il.PerturbedLP`` or ``il.SmoothedLP``, with its
 Fenchel–Young loss towards the true shortest path or the true cost of its decision.
 Data: ``pyepo.data.shortestpath.genData`` (costs polynomial of degree ``deg`` in the features,
@@ -14,7 +15,7 @@ test split, next to, on identical splits: the two-stage baseline (least squares 
 then optimize), PyEPO's SPO+ (``pyepo.func.SPOPlus`` with its OR-Tools shortest-path model,
 trained with the same optimizer, epochs and batch size), and the oracle that knows the
 noise-free costs ``E[c | φ]`` (the Bayes-optimal decision for a linear objective, so its
-regret bounds every predictor's from below).
+regret bounds every predictor's from below, in expectation).
 """
 
 from __future__ import annotations

@@ -279,3 +279,18 @@ def test_functional_forms_equal_the_layers():
     expected = il.PerturbedLP(0.3, 4, seed=2)(c, A, b, G, h)
     torch.testing.assert_close(F.perturbed_lp(c, A, b, G, h, sigma=0.3, samples=4, seed=2), expected,
                                rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    A, b, G, h = shortest_path_lp(GRID)
+    gen = torch.Generator().manual_seed(10)
+    c = torch.rand(3, A.shape[1], dtype=D, generator=gen)
+    Z = torch.randn(8, *c.shape, dtype=D, generator=gen)
+    cuda = [t.cuda() for t in (A, b, G, h)]
+    layer = il.PerturbedLP(0.3, 8)
+    torch.testing.assert_close(layer(c.cuda(), *cuda, noise=Z.cuda()).cpu(), layer(c, A, b, G, h, noise=Z),
+                               atol=1e-8, rtol=0)
+    assert layer(c.cuda(), *cuda).device.type == "cuda"  # the layer's own draw on the device
+    torch.testing.assert_close(il.SmoothedLP(0.5)(c.cuda(), *cuda).cpu(), il.SmoothedLP(0.5)(c, A, b, G, h),
+                               atol=1e-8, rtol=0)
