@@ -3,9 +3,10 @@
 From features ``φ`` a linear model predicts the arc costs ``ĉ`` of a grid; the decision is the
 shortest path ``x*(ĉ) = argmin ĉᵀx`` over the flow polytope
 (:func:`implicit_layers.testing.lp_problems.shortest_path_lp`, with the redundant conservation
-row dropped: with it, the interior point ended about a third of these LPs ``NUMERICAL``). Since ``x*`` is piecewise
-constant, training goes through a surrogate, ``il.PerturbedLP`` or ``il.SmoothedLP``, with its
-Fenchel–Young loss towards the true shortest path or the true cost of its decision.
+row dropped: with it, the interior point ended about a third of these LPs ``NUMERICAL``).
+Since ``x*`` is piecewise constant, training goes through a surrogate, ``il.PerturbedLP`` or
+``il.SmoothedLP``, with its Fenchel–Young loss towards the true shortest path or the true cost
+of its decision.
 Data: ``pyepo.data.shortestpath.genData`` (costs polynomial of degree ``deg`` in the features,
 so a linear model is misspecified for ``deg > 1``, times uniform noise of half-width
 ``noise_width``).
