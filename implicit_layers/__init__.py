@@ -29,6 +29,7 @@ from implicit_layers.layers.eq_qp import (
     OSQPBackend,
     SparseKKTBackend,
 )
+from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
 from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
 from implicit_layers.layers.qp import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer
@@ -54,6 +55,8 @@ __all__ = [
     # layers
     "ImplicitLayer", "RootFindLayer", "EqualityQPLayer", "QPLayer", "LyapunovLayer",
     "DiscreteLyapunovLayer", "SylvesterLayer", "DEQLayer", "ImplicitFunction",
+    # informative gradients for linear programs
+    "SmoothedLP", "PerturbedLP",
     # forward solvers
     "RootSolver", "RootProblem", "SolveResult", "Newton", "Broyden", "Picard", "Anderson",
     "ScipyRoot", "QPSolver", "InteriorPoint", "QPStatus", "OSQP",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from implicit_layers.layers.deq.layer import DEQLayer
 from implicit_layers.layers.eq_qp.layer import EqualityQPLayer
+from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
 from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov
 from implicit_layers.layers.qp.layer import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer
@@ -19,7 +20,8 @@ from implicit_layers.layers.sylvester import sylvester
 from implicit_layers.solvers.anderson import Anderson
 from implicit_layers.solvers.newton import Newton
 
-__all__ = ["root_find", "fixed_point", "eq_qp", "qp", "lyapunov", "discrete_lyapunov", "sylvester"]
+__all__ = ["root_find", "fixed_point", "eq_qp", "qp", "smoothed_lp", "perturbed_lp", "lyapunov",
+           "discrete_lyapunov", "sylvester"]
 
 
 def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=None,
@@ -67,3 +69,20 @@ def eq_qp(Q, c, A, b, *, backend="auto"):
 def qp(Q, c, A=None, b=None, G=None, h=None, *, solver=None, on_failure="raise"):
     """``(x, lam, mu)`` of ``min ½xᵀQx + cᵀx s.t. Ax = b, Gx ≤ h``; see :class:`QPLayer`."""
     return QPLayer(solver=solver, on_failure=on_failure)(Q, c, A, b, G, h)
+
+
+def smoothed_lp(c, A=None, b=None, G=None, h=None, *, gamma=1.0, solver=None, on_failure="raise"):
+    """``argmin cᵀx + ½γ‖x‖² s.t. Ax = b, Gx ≤ h`` (exact QP gradient); see :class:`SmoothedLP`."""
+    return SmoothedLP(gamma, solver=solver, on_failure=on_failure)(c, A, b, G, h)
+
+
+def perturbed_lp(c, A=None, b=None, G=None, h=None, *, sigma=1.0, samples=8, noise=None,
+                 generator=None, seed=0, variance_reduction=True, solver=None, on_failure="raise"):
+    """``E[x*(c + σZ)]`` by Monte Carlo, with its perturbation gradient; see :class:`PerturbedLP`.
+
+    Each call builds a fresh layer: with the same ``seed`` every call draws the same noise
+    (common random numbers); pass a ``generator`` (or ``noise``) for fresh draws per call.
+    """
+    layer = PerturbedLP(sigma, samples, variance_reduction=variance_reduction, seed=seed,
+                        generator=generator, solver=solver, on_failure=on_failure)
+    return layer(c, A, b, G, h, noise=noise)

@@ -144,3 +144,17 @@ def steady_malloc() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # noqa: N806 (glibc's names)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median wall time in seconds of each call, timed in ``rounds`` interleaved rounds (each
+    round calls every method once, after one warm-up round), so that drifts of the machine's
+    speed fall on all methods alike."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(rounds + 1):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

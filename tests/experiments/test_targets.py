@@ -16,6 +16,7 @@ from tests.experiments.conftest import needs_layer, run
     pytest.param("qp_decision", marks=needs_layer("qp_decision")),
     pytest.param("rootfind_eos", marks=needs_layer("rootfind_eos")),
     pytest.param("qp_sudoku", marks=needs_layer("qp_sudoku")),
+    pytest.param("lp_shortest_path", marks=[needs_layer("lp_shortest_path"), pytest.mark.slow]),
 ])
 def test_experiment_reaches_its_targets(name, tmp_path):
     run(tmp_path, f"experiment={name}")
@@ -24,6 +25,9 @@ def test_experiment_reaches_its_targets(name, tmp_path):
     assert all(t["met"] for t in record["targets"].values()), record["targets"]
     if name == "qp_decision":
         assert record["metrics"]["two_stage_regret"] <= 0.01  # the baseline, for comparison
+    if name == "lp_shortest_path":  # no predictor beats the oracle; ours beats the two-stage one
+        m = record["metrics"]
+        assert m["oracle_regret"] < m["test_regret"] < m["two_stage_regret"]
 
 
 def test_targets_are_evaluated_and_bad_specs_rejected():
