@@ -137,7 +137,7 @@ class ArgminLayer(ImplicitLayer):
         adjoint: how the Hessian systems are solved (default :class:`HessianAdjoint`).
         event_ndim, on_failure, init: see :class:`~implicit_layers.ImplicitLayer`.
 
-    The forward solve stops each sample at ``‖∇_y f‖ ≤ tol + rtol ‖y‖``; the gradient is exact
+    The forward solve stops each sample at ``‖∇_y f‖ ≤ tol + rtol ‖∇_y f(y₀)‖``; the gradient is exact
     at a minimizer with a positive definite Hessian, and a saddle point or maximum raises
     :class:`~implicit_layers.SingularSystemError` in the backward.
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.dense import Cholesky
-from implicit_layers.solvers.base import RootProblem, RootSolver
+from implicit_layers.solvers.base import RootProblem
+from implicit_layers.solvers.minimize.base import Minimizer
 
 _ASKED: ContextVar[list | None] = ContextVar("least_squares_residual_vectors", default=None)
 
@@ -155,7 +156,7 @@ class Residuals:
         return r, rows.permute(1, 0, 2)
 
 
-class LeastSquaresSolver(RootSolver):
+class LeastSquaresSolver(Minimizer):
     """Base of Gauss-Newton and Levenberg-Marquardt: the gradient ``g = Jᵀr`` and the
     decrease of ``½‖r‖²`` computed as ``½ (r − r')·(r + r')``, free of the cancellation of a
     difference of two sums of squares (so steps are judged accurately even when ``‖r‖`` is

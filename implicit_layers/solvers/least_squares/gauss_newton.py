@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.solvers.base import IterationLog, RootProblem, SolveResult
+from implicit_layers.solvers.base import RootProblem, SolveResult
 from implicit_layers.solvers.least_squares.base import (
     LeastSquaresSolver,
     NormalEquations,
     Residuals,
     factor_normal_matrix,
 )
+from implicit_layers.solvers.minimize.base import GradientLog
 from implicit_layers.stats import check_finite_iterate
 
 
@@ -21,7 +22,7 @@ class GaussNewton(LeastSquaresSolver):
 
     Converges quadratically on zero-residual problems and linearly otherwise; it needs ``J`` of
     full column rank at every iterate (use :class:`~implicit_layers.LevenbergMarquardt` when
-    it may not be). A sample stops when ``‖Jᵀr‖ ≤ tol + rtol · ‖y‖``. The final ``JᵀJ`` is
+    it may not be). A sample stops when ``‖Jᵀr‖ ≤ tol + rtol · ‖Jᵀr(y₀)‖``. The final ``JᵀJ`` is
     left in ``SolveResult.aux`` for :class:`~implicit_layers.LeastSquaresAdjoint`.
 
     Args:
@@ -53,7 +54,7 @@ class GaussNewton(LeastSquaresSolver):
         y = res.flat(y0)
         r, J = res.linearize(y)
         g = self.gradient(r, J)
-        log = IterationLog(self, problem, y0, res.unflat(g))
+        log = GradientLog(self, problem, res.unflat(g))
         stalled = torch.zeros(res.B, dtype=torch.bool, device=y.device)
         for k in range(self.max_iter):
             active = log.active.reshape(res.B) & ~stalled
@@ -67,7 +68,7 @@ class GaussNewton(LeastSquaresSolver):
             check_finite_iterate(y, self.name, k + 1)
             r, J = res.linearize(y)
             g = self.gradient(r, J)
-            log.update(res.unflat(y), res.unflat(g), active.reshape(log.res.shape))
+            log.update(res.unflat(g), active.reshape(log.res.shape))
         stats = log.stats(stalled=stalled.reshape(log.res.shape))
         stats.evaluations = res.evaluations
         aux = NormalEquations(J.reshape(*res.batch_shape, *J.shape[-2:]),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.solvers.base import IterationLog, RootProblem, SolveResult
+from implicit_layers.solvers.base import RootProblem, SolveResult
 from implicit_layers.solvers.least_squares.base import LeastSquaresSolver, NormalEquations, Residuals
+from implicit_layers.solvers.minimize.base import GradientLog
 from implicit_layers.stats import check_finite_iterate
 
 _MAX_DAMPING = 1e16  # beyond this the step is below rounding: the sample has stalled
@@ -21,7 +22,7 @@ class LevenbergMarquardt(LeastSquaresSolver):
     otherwise ``λ ← λ · ν`` with ``ν`` doubling on each consecutive rejection (Nielsen, 1999).
     Damping keeps every step defined when ``J`` is rank deficient; the adjoint, which needs
     the undamped ``JᵀJ`` at the solution, then raises :class:`~implicit_layers.SingularSystemError`.
-    A sample stops when ``‖Jᵀr‖ ≤ tol + rtol · ‖y‖``; a sample whose ``λ`` exceeds 1e16
+    A sample stops when ``‖Jᵀr‖ ≤ tol + rtol · ‖Jᵀr(y₀)‖``; a sample whose ``λ`` exceeds 1e16
     has stalled and is reported as not converged.
 
     Args:
@@ -50,7 +51,7 @@ class LevenbergMarquardt(LeastSquaresSolver):
         y = res.flat(y0)
         r, J = res.linearize(y)
         g = self.gradient(r, J)
-        log = IterationLog(self, problem, y0, res.unflat(g))
+        log = GradientLog(self, problem, res.unflat(g))
         lam = torch.full((res.B,), self.damping, dtype=y.dtype, device=y.device)
         nu = torch.full_like(lam, 2.0)
         scale = torch.zeros_like(y)
@@ -80,7 +81,7 @@ class LevenbergMarquardt(LeastSquaresSolver):
             if bool(take.any()):
                 r, J = res.linearize(y)
                 g = self.gradient(r, J)
-            log.update(res.unflat(y), res.unflat(g), active.reshape(log.res.shape))
+            log.update(res.unflat(g), active.reshape(log.res.shape))
         stats = log.stats(stalled=stalled.reshape(log.res.shape), damping=lam.reshape(log.res.shape))
         stats.evaluations = res.evaluations
         aux = NormalEquations(J.reshape(*res.batch_shape, *J.shape[-2:]),

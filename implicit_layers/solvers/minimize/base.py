@@ -3,10 +3,15 @@
 A minimizer receives a :class:`~implicit_layers.solvers.base.RootProblem` whose
 ``objective(y)`` returns one value per sample and whose ``residual(y)`` is the gradient
 ``∇_y objective``; it descends the objective and stops each sample when
-``‖∇f‖ ≤ tol + rtol · ‖y‖`` (the root solvers' criterion, applied to the gradient), so a
-converged status is the statement the implicit gradient relies on: ``y`` is a stationary
-point to that tolerance. Values and gradients come from one autograd pass of the objective
-(``∇`` of the sum over the batch is the per-sample gradient, since samples are independent).
+
+    ‖∇f(y)‖ ≤ tol + rtol · ‖∇f(y₀)‖,
+
+so a converged status is the statement the implicit gradient relies on: ``y`` is a
+stationary point to that tolerance. The relative part scales with the first gradient, not
+with ``‖y‖`` as for root solvers: a gradient is not in the units of ``y``, and an objective
+that is unbounded below would otherwise "converge" once ``y`` is large enough. Values and
+gradients come from one autograd pass of the objective (``∇`` of the sum over the batch is
+the per-sample gradient, since samples are independent).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.solvers.base import RootProblem, RootSolver
+from implicit_layers.solvers.base import IterationLog, RootProblem, RootSolver
 
 
 def _is_wrapped(t: Tensor) -> bool:
@@ -99,18 +104,29 @@ class Objective:
         return f.detach(), g.detach(), hvp
 
 
+class GradientLog(IterationLog):
+    """The iteration log of a minimizer: a sample converges when
+    ``‖∇f‖ ≤ tol + rtol · ‖∇f(y₀)‖`` (the log's relative scale is the first gradient, passed
+    where root solvers pass the iterate)."""
+
+    def __init__(self, solver: RootSolver, problem: RootProblem, g0: Tensor):
+        super().__init__(solver, problem, g0, g0)
+        self.scale = g0
+
+    def update(self, g: Tensor, active: Tensor, evaluations: int = 1) -> None:
+        super().update(self.scale, g, active, evaluations)
+
+
 class Minimizer(RootSolver):
     """Base of the minimizers: a :class:`RootSolver` that needs ``problem.objective``.
 
     ``solve`` never raises for non-convergence (the caller applies the failure policy); a
     sample whose line search finds no decrease from a steepest-descent direction stops and is
-    reported as not converged (``stats.extra["stalled"]``).
+    reported as not converged (``stats.extra["stalled"]``). Convergence: see
+    :class:`GradientLog`.
 
     >>> import torch, implicit_layers as il
     >>> prob = il.RootProblem(lambda y: 2 * (y - 3), objective=lambda y: ((y - 3) ** 2).sum(-1))
     >>> il.LBFGS().solve(prob, torch.zeros(1, 2, dtype=torch.float64)).y.round(decimals=9)
     tensor([[3., 3.]], dtype=torch.float64)
     """
-
-    def _converged(self, g: Tensor, y: Tensor) -> Tensor:
-        return self.converged(g.norm(dim=-1), y.norm(dim=-1), y.dtype)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.solvers.base import IterationLog, RootProblem, SolveResult
-from implicit_layers.solvers.minimize.base import Minimizer, Objective
+from implicit_layers.solvers.base import RootProblem, SolveResult
+from implicit_layers.solvers.minimize.base import GradientLog, Minimizer, Objective
 from implicit_layers.solvers.minimize.line_search import strong_wolfe
 from implicit_layers.stats import check_finite_iterate
 
@@ -67,7 +67,7 @@ class _Pairs:
 class LBFGS(Minimizer):
     """Limited-memory BFGS for ``min_y f(x, y)``, batched with per-sample stopping.
 
-    A sample converges when ``‖∇f‖ ≤ tol + rtol · ‖y‖``. The first step of a sample without
+    A sample converges when ``‖∇f‖ ≤ tol + rtol · ‖∇f(y₀)‖``. The first step of a sample without
     curvature pairs has length ``min(1, 1/‖∇f‖)`` along ``−∇f``; later trials start at the
     quasi-Newton step ``alpha = 1``.
 
@@ -108,7 +108,7 @@ class LBFGS(Minimizer):
         obj = Objective(problem, y0, self.name)
         y = obj.flat(y0)
         f, g = obj.value_and_grad(y)
-        log = IterationLog(self, problem, y0, obj.unflat(g))
+        log = GradientLog(self, problem, obj.unflat(g))
         pairs = _Pairs(obj.B, obj.n, self.memory, y)
         stalled = torch.zeros(obj.B, dtype=torch.bool, device=y.device)
         for k in range(self.max_iter):
@@ -131,7 +131,7 @@ class LBFGS(Minimizer):
             f = torch.where(ls.decrease, ls.f, f)
             g = torch.where(ls.decrease[:, None], ls.g, g)
             check_finite_iterate(y, self.name, k + 1)
-            log.update(obj.unflat(y), obj.unflat(g), active.reshape(log.res.shape),
+            log.update(obj.unflat(g), active.reshape(log.res.shape),
                        evaluations=ls.evaluations)
         stats = log.stats(stalled=stalled.reshape(log.res.shape))
         stats.evaluations = obj.evaluations

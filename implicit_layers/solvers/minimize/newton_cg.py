@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.solvers.base import IterationLog, RootProblem, SolveResult
-from implicit_layers.solvers.minimize.base import Minimizer, Objective
+from implicit_layers.solvers.base import RootProblem, SolveResult
+from implicit_layers.solvers.minimize.base import GradientLog, Minimizer, Objective
 from implicit_layers.solvers.minimize.cg import conjugate_gradient
 from implicit_layers.solvers.minimize.line_search import strong_wolfe
 from implicit_layers.stats import check_finite_iterate
@@ -55,7 +55,7 @@ class NewtonCG(Minimizer):
         obj = Objective(problem, y0, self.name)
         y = obj.flat(y0)
         f, g, hvp = obj.linearize(y)
-        log = IterationLog(self, problem, y0, obj.unflat(g))
+        log = GradientLog(self, problem, obj.unflat(g))
         stalled = torch.zeros(obj.B, dtype=torch.bool, device=y.device)
         negative = torch.zeros_like(stalled)
         products = 0
@@ -78,7 +78,7 @@ class NewtonCG(Minimizer):
             y = torch.where(ls.decrease[:, None], y + ls.alpha[:, None] * d, y)
             check_finite_iterate(y, self.name, k + 1)
             f, g, hvp = obj.linearize(y)
-            log.update(obj.unflat(y), obj.unflat(g), active.reshape(log.res.shape),
+            log.update(obj.unflat(g), active.reshape(log.res.shape),
                        evaluations=ls.evaluations + 1)
         shape = log.res.shape
         stats = log.stats(stalled=stalled.reshape(shape), negative_curvature=negative.reshape(shape),

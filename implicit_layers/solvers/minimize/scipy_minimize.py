@@ -9,8 +9,8 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-from implicit_layers.solvers.base import IterationLog, RootProblem, SolveResult
-from implicit_layers.solvers.minimize.base import Minimizer, Objective
+from implicit_layers.solvers.base import RootProblem, SolveResult
+from implicit_layers.solvers.minimize.base import GradientLog, Minimizer, Objective
 
 #: methods that use the gradient; those with a gradient tolerance ``gtol``; those that take
 #: Hessian-vector products
@@ -64,7 +64,7 @@ class ScipyMinimize(Minimizer):
         obj = Objective(problem, y0, self.name)
         device, dtype = y0.device, y0.dtype
         f0, g0 = obj.value_and_grad(obj.flat(y0))
-        log = IterationLog(self, problem, y0, obj.unflat(g0))
+        log = GradientLog(self, problem, obj.unflat(g0))
         if not bool(log.active.any()):
             return SolveResult(y0, log.stats())
 
@@ -87,7 +87,8 @@ class ScipyMinimize(Minimizer):
             hessp=hessp if self.method in _HESSP else None, options=self._options(obj.n, dtype))
         y = to_torch(sol.x)
         _, g = obj.value_and_grad(y)
-        log = IterationLog(self, problem, obj.unflat(y), obj.unflat(g))  # judged afresh at y
+        log.update(obj.unflat(g), torch.ones_like(log.done))  # SciPy moved every sample
+        log.done = self.converged(log.res, problem.norm(log.scale), dtype)  # judged afresh at y
         log.iterations = torch.full_like(log.iterations, int(getattr(sol, "nit", 0)))
         stats = log.stats(message=str(sol.message), success=bool(sol.success))
         stats.evaluations = obj.evaluations
