@@ -12,6 +12,7 @@ from torch.func import jacfwd, jacrev, vmap
 import implicit_layers as il
 from implicit_layers import functional as F
 from tests.layers import argmin_problems as P
+from tests.layers.qp_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 D64 = torch.float64
 SOLVERS = {"lbfgs": il.LBFGS, "newton_cg": il.NewtonCG, "scipy": il.ScipyMinimize}

@@ -33,6 +33,22 @@ RANK_DEFICIENT = ("the residual's Jacobian ∂r/∂y is rank deficient, so the l
 
 
 @contextmanager
+def single_threaded(device: torch.device):
+    """Run the tiny ``n × n`` factorizations of each iteration on one CPU thread: with two
+    threads on a busy 2-core machine MKL spent ~17 ms per 2 × 2 batched Cholesky (measured
+    here), 1000× the work (see also the Anderson solver)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
 def residual_vectors():
     """Inside this block a :class:`SumOfSquares` returns ``r`` instead of ``½‖r‖²``; yields a
     list that records whether one answered."""

@@ -11,6 +11,7 @@ from implicit_layers.solvers.least_squares.base import (
     NormalEquations,
     Residuals,
     factor_normal_matrix,
+    single_threaded,
 )
 from implicit_layers.solvers.minimize.base import GradientLog
 from implicit_layers.stats import check_finite_iterate
@@ -60,8 +61,8 @@ class GaussNewton(LeastSquaresSolver):
             active = log.active.reshape(res.B) & ~stalled
             if not bool(active.any()):
                 break
-            fac = factor_normal_matrix(J, f"Gauss-Newton iteration {k + 1}")
-            step = -fac.solve(g)
+            with single_threaded(y.device):
+                step = -factor_normal_matrix(J, f"Gauss-Newton iteration {k + 1}").solve(g)
             y_new, moved = self._backtrack(res, y, r, g, step, active)
             stalled = stalled | (active & ~moved)
             y = torch.where(moved[:, None], y_new, y)

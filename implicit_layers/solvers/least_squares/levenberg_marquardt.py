@@ -6,7 +6,12 @@ import torch
 from torch import Tensor
 
 from implicit_layers.solvers.base import RootProblem, SolveResult
-from implicit_layers.solvers.least_squares.base import LeastSquaresSolver, NormalEquations, Residuals
+from implicit_layers.solvers.least_squares.base import (
+    LeastSquaresSolver,
+    NormalEquations,
+    Residuals,
+    single_threaded,
+)
 from implicit_layers.solvers.minimize.base import GradientLog
 from implicit_layers.stats import check_finite_iterate
 
@@ -93,10 +98,12 @@ class LevenbergMarquardt(LeastSquaresSolver):
         """``−(JᵀJ + diag(damping))⁻¹ g`` and the mask of samples whose matrix factored (a
         failure counts as a rejected step: λ grows until it factors)."""
         A = J.mT @ J + torch.diag_embed(damping)
-        L, info = torch.linalg.cholesky_ex(A)
-        factored = info == 0
-        L = torch.where(factored[:, None, None], L, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device))
-        step = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+        with single_threaded(A.device):
+            L, info = torch.linalg.cholesky_ex(A)
+            factored = info == 0
+            L = torch.where(factored[:, None, None], L, torch.eye(A.shape[-1], dtype=A.dtype,
+                                                                   device=A.device))
+            step = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
         return torch.where(factored[:, None], step, 0), factored
 
     def __repr__(self) -> str:
