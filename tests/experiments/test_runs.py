@@ -15,7 +15,8 @@ from tests.experiments.conftest import experiment_params, needs_layer, run, stat
 # The solves each experiment's layer reports at least (the dense equality-QP backend reports none;
 # the Lyapunov layer is a direct solve whose backward reuses the forward factorization).
 REPORTED = {"deq_digits": ("forward", "backward"), "lqr_lyapunov": ("forward",),
-            "qp_decision": ("forward",), "rootfind_eos": ("forward", "backward"), "qp_sudoku": ("forward",)}
+            "qp_decision": ("forward",), "rootfind_eos": ("forward", "backward"), "qp_sudoku": ("forward",),
+            "hyperparam_ridge": ("forward", "backward")}
 
 # Small but real settings per experiment: a few epochs on reduced data.
 SHORT = {
@@ -24,6 +25,7 @@ SHORT = {
     "qp_decision": ["trainer.max_epochs=2", "data.n=600"],
     "rootfind_eos": ["trainer.max_epochs=3", "data.n=200"],
     "qp_sudoku": ["trainer.max_epochs=1", "data.n=300"],
+    "hyperparam_ridge": ["trainer.max_epochs=2", "data.steps_per_epoch=5"],
 }
 
 

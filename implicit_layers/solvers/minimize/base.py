@@ -22,8 +22,11 @@ from torch import Tensor
 from implicit_layers.solvers.base import IterationLog, RootProblem, RootSolver
 
 
-def _is_wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+def _functional(t: Tensor) -> bool:
+    """Whether derivatives must come from ``torch.func``: under a ``torch.func`` transform, or
+    in inference mode (where autograd records nothing); classic autograd is ~2× faster on the
+    small calls of an iteration otherwise (measured here)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.is_inference_mode_enabled()
 
 
 class Objective:
@@ -74,8 +77,8 @@ class Objective:
     def value_and_grad(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(f (B,), ∇f (B, n))`` at ``y`` of shape ``(B, n)``, in one autograd pass."""
         self.evaluations += 1
-        if _is_wrapped(y):  # called under a torch.func transform: stay functional
-            g, f = torch.func.grad_and_value(self._total, has_aux=True)(y)
+        if _functional(y):
+            g, f = torch.func.grad(self._total, has_aux=True)(y)
             return f, g
         with torch.enable_grad():
             v = y.detach().requires_grad_()
@@ -87,8 +90,8 @@ class Objective:
         """``(f, ∇f, hvp)`` at ``y``: ``hvp(v) = ∇²f v`` (per sample, ``v`` of shape (B, n)),
         as a reverse-over-reverse product that reuses one recorded gradient graph."""
         self.evaluations += 1
-        if _is_wrapped(y):
-            grad = torch.func.grad_and_value(self._total, has_aux=True)
+        if _functional(y):
+            grad = torch.func.grad(self._total, has_aux=True)
             g, vjp, f = torch.func.vjp(grad, y, has_aux=True)
             return f, g, lambda v: vjp(v)[0]  # ∇²f is symmetric: the VJP is the HVP
         with torch.enable_grad():
