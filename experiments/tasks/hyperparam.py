@@ -23,23 +23,18 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from sklearn.datasets import load_diabetes
 from sklearn.linear_model import RidgeCV
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 import implicit_layers as il
+from experiments.tasks.data import WholeDataModule
 from experiments.tasks.module import TaskModule
 
 
-def _first(items):
-    return items[0]
-
-
-class DiabetesNoiseDataModule(pl.LightningDataModule):
+class DiabetesNoiseDataModule(WholeDataModule):
     """``load_diabetes`` with ``n_noise`` standard-normal features appended, standardized with
     the training rows' statistics (target too), a seeded train/test split and K fold masks.
 
@@ -56,16 +51,11 @@ class DiabetesNoiseDataModule(pl.LightningDataModule):
 
     def __init__(self, n_noise: int = 40, test_frac: float = 1 / 3, folds: int = 5,
                  steps_per_epoch: int = 10, seed: int = 0):
-        super().__init__()
+        super().__init__(steps_per_epoch)
         if folds < 2:
             raise ValueError(f"folds must be >= 2, got {folds}")
-        self.n_noise, self.test_frac, self.folds = n_noise, test_frac, folds
-        self.steps_per_epoch, self.seed = steps_per_epoch, seed
+        self.n_noise, self.test_frac, self.folds, self.seed = n_noise, test_frac, folds, seed
         self.data: dict[str, Tensor] | None = None
-
-    @property
-    def n_features(self) -> int:
-        return 10 + self.n_noise
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
@@ -83,17 +73,8 @@ class DiabetesNoiseDataModule(pl.LightningDataModule):
         self.data = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in {
             "X": X[train], "t": t[train], "folds": masks, "X_test": X[test], "t_test": t[test]}.items()}
 
-    def _loader(self, steps: int) -> DataLoader:
-        return DataLoader([self.data] * steps, batch_size=1, collate_fn=_first)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.steps_per_epoch)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(1)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(1)
+    def whole_batch(self) -> dict[str, Tensor]:
+        return self.data
 
 
 def ridge_objective(x: tuple[Tensor, ...], wb: Tensor) -> Tensor:

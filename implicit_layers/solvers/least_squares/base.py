@@ -22,30 +22,14 @@ from torch import Tensor, nn
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.dense import Cholesky
-from implicit_layers.solvers.base import RootProblem
-from implicit_layers.solvers.minimize.base import Minimizer
+from implicit_layers.solvers.base import RootProblem, SolveResult
+from implicit_layers.solvers.minimize.base import GradientLog, Minimizer, Objective
 
 _ASKED: ContextVar[list | None] = ContextVar("least_squares_residual_vectors", default=None)
 
 RANK_DEFICIENT = ("the residual's Jacobian ∂r/∂y is rank deficient, so the least-squares "
                   "minimizer is not unique (remove redundant parameters or add a regularizing "
                   "residual)")
-
-
-@contextmanager
-def single_threaded(device: torch.device):
-    """Run the tiny ``n × n`` factorizations of each iteration on one CPU thread: with two
-    threads on a busy 2-core machine MKL spent ~17 ms per 2 × 2 batched Cholesky (measured
-    here), 1000× the work (see also the Anderson solver)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -124,23 +108,9 @@ def factor_normal_matrix(J: Tensor, where: str, damping: Tensor | None = None) -
         raise SingularSystemError(f"at {where}, {RANK_DEFICIENT}: {err}") from err
 
 
-class Residuals:
-    """``r`` and its Jacobian on iterates flattened to ``(B, n)``, with ``r`` as ``(B, m)``."""
-
-    def __init__(self, problem: RootProblem, y0: Tensor, solver: str):
-        if problem.objective is None:
-            raise ValueError(f"{solver} needs a least-squares problem (il.LeastSquaresLayer)")
-        self.problem, self.shape, self.solver = problem, y0.shape, solver
-        self.batch_shape = problem.batch_shape(y0)
-        self.B = self.batch_shape.numel()
-        self.n = y0.shape[len(self.batch_shape):].numel()
-        self.evaluations = 0
-
-    def flat(self, y: Tensor) -> Tensor:
-        return y.reshape(self.B, self.n)
-
-    def unflat(self, y: Tensor) -> Tensor:
-        return y.reshape(self.shape)
+class Residuals(Objective):
+    """:class:`Objective` plus the residual vector: ``r`` as ``(B, m)`` and its Jacobian on
+    iterates flattened to ``(B, n)``."""
 
     def _r(self, y: Tensor) -> Tensor:
         with residual_vectors() as answered:
@@ -182,6 +152,24 @@ class LeastSquaresSolver(Minimizer):
     >>> isinstance(il.GaussNewton(), LeastSquaresSolver)
     True
     """
+
+    def start(self, problem: RootProblem, y0: Tensor):
+        """``(residuals, y, r, J, g, log)`` at the initial guess (``y`` flattened)."""
+        res = Residuals(problem, y0, self.name)
+        y = res.flat(y0)
+        r, J = res.linearize(y)
+        g = self.gradient(r, J)
+        return res, y, r, J, g, GradientLog(self, problem, res.unflat(g))
+
+    def finish(self, res: Residuals, y: Tensor, r: Tensor, J: Tensor, log: GradientLog,
+               **extra) -> SolveResult:
+        """The result, with ``J`` and ``r`` at the solution in ``aux`` for the adjoint."""
+        shape = log.res.shape
+        stats = log.stats(**{k: v.reshape(shape) for k, v in extra.items()})
+        stats.evaluations = res.evaluations
+        aux = NormalEquations(J.reshape(*res.batch_shape, *J.shape[-2:]),
+                              r.reshape(*res.batch_shape, r.shape[-1]))
+        return SolveResult(res.unflat(y), stats, aux=aux)
 
     @staticmethod
     def gradient(r: Tensor, J: Tensor) -> Tensor:

@@ -6,14 +6,8 @@ import torch
 from torch import Tensor
 
 from implicit_layers.solvers.base import RootProblem, SolveResult
-from implicit_layers.solvers.least_squares.base import (
-    LeastSquaresSolver,
-    NormalEquations,
-    Residuals,
-    factor_normal_matrix,
-    single_threaded,
-)
-from implicit_layers.solvers.minimize.base import GradientLog
+from implicit_layers.solvers.least_squares.base import LeastSquaresSolver, Residuals, factor_normal_matrix
+from implicit_layers.solvers.threads import single_threaded
 from implicit_layers.stats import check_finite_iterate
 
 
@@ -51,11 +45,7 @@ class GaussNewton(LeastSquaresSolver):
         self.max_backtracks, self.armijo = int(max_backtracks), armijo
 
     def solve(self, problem: RootProblem, y0: Tensor) -> SolveResult:
-        res = Residuals(problem, y0, self.name)
-        y = res.flat(y0)
-        r, J = res.linearize(y)
-        g = self.gradient(r, J)
-        log = GradientLog(self, problem, res.unflat(g))
+        res, y, r, J, g, log = self.start(problem, y0)
         stalled = torch.zeros(res.B, dtype=torch.bool, device=y.device)
         for k in range(self.max_iter):
             active = log.active.reshape(res.B) & ~stalled
@@ -70,11 +60,7 @@ class GaussNewton(LeastSquaresSolver):
             r, J = res.linearize(y)
             g = self.gradient(r, J)
             log.update(res.unflat(g), active.reshape(log.res.shape))
-        stats = log.stats(stalled=stalled.reshape(log.res.shape))
-        stats.evaluations = res.evaluations
-        aux = NormalEquations(J.reshape(*res.batch_shape, *J.shape[-2:]),
-                              r.reshape(*res.batch_shape, r.shape[-1]))
-        return SolveResult(res.unflat(y), stats, aux=aux)
+        return self.finish(res, y, r, J, log, stalled=stalled)
 
     def _backtrack(self, res: Residuals, y, r, g, step, active) -> tuple[Tensor, Tensor]:
         """Per-sample ``t ∈ {1, ½, ¼, …}`` with sufficient decrease; returns the trial points

@@ -6,13 +6,8 @@ import torch
 from torch import Tensor
 
 from implicit_layers.solvers.base import RootProblem, SolveResult
-from implicit_layers.solvers.least_squares.base import (
-    LeastSquaresSolver,
-    NormalEquations,
-    Residuals,
-    single_threaded,
-)
-from implicit_layers.solvers.minimize.base import GradientLog
+from implicit_layers.solvers.least_squares.base import LeastSquaresSolver
+from implicit_layers.solvers.threads import single_threaded
 from implicit_layers.stats import check_finite_iterate
 
 _MAX_DAMPING = 1e16  # beyond this the step is below rounding: the sample has stalled
@@ -52,11 +47,7 @@ class LevenbergMarquardt(LeastSquaresSolver):
         self.damping = damping
 
     def solve(self, problem: RootProblem, y0: Tensor) -> SolveResult:
-        res = Residuals(problem, y0, self.name)
-        y = res.flat(y0)
-        r, J = res.linearize(y)
-        g = self.gradient(r, J)
-        log = GradientLog(self, problem, res.unflat(g))
+        res, y, r, J, g, log = self.start(problem, y0)
         lam = torch.full((res.B,), self.damping, dtype=y.dtype, device=y.device)
         nu = torch.full_like(lam, 2.0)
         scale = torch.zeros_like(y)
@@ -87,11 +78,7 @@ class LevenbergMarquardt(LeastSquaresSolver):
                 r, J = res.linearize(y)
                 g = self.gradient(r, J)
             log.update(res.unflat(g), active.reshape(log.res.shape))
-        stats = log.stats(stalled=stalled.reshape(log.res.shape), damping=lam.reshape(log.res.shape))
-        stats.evaluations = res.evaluations
-        aux = NormalEquations(J.reshape(*res.batch_shape, *J.shape[-2:]),
-                              r.reshape(*res.batch_shape, r.shape[-1]))
-        return SolveResult(res.unflat(y), stats, aux=aux)
+        return self.finish(res, y, r, J, log, stalled=stalled, damping=lam)
 
     @staticmethod
     def _step(J: Tensor, g: Tensor, damping: Tensor) -> tuple[Tensor, Tensor]:
