@@ -227,3 +227,28 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="y0 contains NaN"):
         F.argmin(lambda x, y: y.square().sum(-1), torch.ones(3, dtype=D64),
                  torch.full((3, 2), float("nan"), dtype=D64))
+
+
+@pytest.mark.parametrize("solver", [il.LBFGS, il.NewtonCG, il.LevenbergMarquardt])
+def test_matrix_unknowns_and_empty_batches(solver):
+    """event_ndim=2: Y* = X / (1 + λ) for ½‖Y − X‖² + ½λ‖Y‖² (the residual form for LM)."""
+    X = torch.randn(3, 2, 2, dtype=D64, requires_grad=True)
+    lam = 0.5
+
+    def objective(X, Y):
+        return 0.5 * ((Y - X) ** 2).sum((-1, -2)) + 0.5 * lam * (Y**2).sum((-1, -2))
+
+    def residual(X, Y):
+        return torch.cat([(Y - X).flatten(-2), lam**0.5 * Y.flatten(-2)], -1)
+
+    def solve(X):
+        if solver is il.LevenbergMarquardt:
+            return F.least_squares(residual, X, torch.zeros_like(X), event_ndim=2)
+        return F.argmin(objective, X, torch.zeros_like(X), solver=solver(), event_ndim=2)
+
+    Y = solve(X)
+    torch.testing.assert_close(Y, X.detach() / (1 + lam), atol=1e-10, rtol=0)
+    (g,) = torch.autograd.grad(Y.sum(), X)
+    torch.testing.assert_close(g, torch.full_like(X, 1 / (1 + lam)), atol=1e-10, rtol=0)
+    empty = solve(X[:0])
+    assert empty.shape == (0, 2, 2)

@@ -76,7 +76,7 @@ class SumOfSquares(nn.Module):
         if answered is not None:
             answered.append(True)
             return r
-        return 0.5 * r.reshape(*batch, -1).square().sum(-1)
+        return 0.5 * r.reshape(*batch, r.shape[len(batch):].numel()).square().sum(-1)
 
 
 class NormalEquations:
@@ -118,7 +118,7 @@ class Residuals(Objective):
         if not answered:
             raise ValueError(f"{self.solver} needs a least-squares problem: its objective must "
                              "be a SumOfSquares (use il.LeastSquaresLayer)")
-        return r.reshape(self.B, -1)
+        return r.reshape(self.B, r.shape[len(self.batch_shape):].numel())
 
     def residual(self, y: Tensor) -> Tensor:
         """``r`` (B, m) at ``y`` (B, n)."""
