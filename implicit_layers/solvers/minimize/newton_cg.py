@@ -3,7 +3,9 @@
 Each iteration solves ``∇²f d = −∇f`` inexactly by CG, stopping at the forcing tolerance
 ``‖∇²f d + ∇f‖ ≤ min(½, √‖∇f‖) ‖∇f‖`` (superlinear convergence near a minimizer) or at the
 first direction of non-positive curvature, where the iterate so far — or ``−∇f`` if CG had not
-moved yet — is still a descent direction (Nocedal & Wright, Algorithm 7.1). The Hessian is
+moved yet — is still a descent direction (Nocedal & Wright, Algorithm 7.1). A sample whose
+line search finds no decrease along the Newton direction tries ``−∇f`` next; failing that
+too, it stops (reported as not converged). The Hessian is
 never formed: every product is a reverse-over-reverse pass through one recorded gradient
 graph per iteration. The step length comes from the strong Wolfe line search, starting at 1.
 """
@@ -57,7 +59,7 @@ class NewtonCG(Minimizer):
         f, g, hvp = obj.linearize(y)
         log = GradientLog(self, problem, obj.unflat(g))
         stalled = torch.zeros(obj.B, dtype=torch.bool, device=y.device)
-        negative = torch.zeros_like(stalled)
+        negative, retry = torch.zeros_like(stalled), torch.zeros_like(stalled)
         products = 0
         cg_max_iter = self.cg_max_iter if self.cg_max_iter is not None else 2 * obj.n
         for k in range(self.max_iter):
@@ -70,11 +72,13 @@ class NewtonCG(Minimizer):
             cg = conjugate_gradient(hvp, rhs, forcing, cg_max_iter)
             products += cg.products
             negative = negative | (active & cg.negative_curvature)
-            moved = (cg.x * g).sum(-1) < 0
-            d = torch.where(moved[:, None], cg.x, -g)
+            newton = ((cg.x * g).sum(-1) < 0) & ~retry
+            d = torch.where(newton[:, None], cg.x, -g)
             ls = strong_wolfe(obj.value_and_grad, y, f, g, d, torch.ones_like(f), active,
                               self.c1, self.c2, self.max_line_search)
-            stalled = stalled | (active & ~ls.decrease)
+            failed = active & ~ls.decrease
+            stalled = stalled | (failed & ~newton)  # not even steepest descent decreased f
+            retry = failed & newton  # the next step of these samples goes along −∇f
             y = torch.where(ls.decrease[:, None], y + ls.alpha[:, None] * d, y)
             check_finite_iterate(y, self.name, k + 1)
             f, g, hvp = obj.linearize(y)
