@@ -12,22 +12,32 @@ import torch
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
-def parse_target(spec: str) -> tuple[str, float]:
-    """``">= 0.97"`` → ``(">=", 0.97)``; raises ``ValueError`` on anything else."""
+def parse_target(spec: str) -> tuple[str, float | str]:
+    """``">= 0.97"`` → ``(">=", 0.97)``; the bound may also name another metric
+    (``"<= ridgecv_test_loss"`` → ``("<=", "ridgecv_test_loss")``, a baseline of the same run);
+    raises ``ValueError`` on anything else."""
     for op in (">=", "<=", ">", "<"):
         if spec.strip().startswith(op):
-            return op, float(spec.strip()[len(op):])
-    raise ValueError(f"target {spec!r} must look like '>= 0.97' or '<= 1e-3'")
+            bound = spec.strip()[len(op):].strip()
+            try:
+                return op, float(bound)
+            except ValueError:
+                if bound.isidentifier():
+                    return op, bound
+    raise ValueError(f"target {spec!r} must look like '>= 0.97', '<= 1e-3' or '<= other_metric'")
 
 
 def evaluate_targets(metrics: dict[str, float], targets: dict[str, str]) -> dict[str, dict]:
-    """For each ``metric: "OP value"``, the value reached and whether it meets the bound."""
+    """For each ``metric: "OP bound"``, the value reached and whether it meets the bound (a
+    bound that names a metric takes that metric's value)."""
     out = {}
     for name, spec in targets.items():
         op, bound = parse_target(spec)
         value = metrics.get(name)
-        out[name] = {"target": spec, "value": value,
-                     "met": value is not None and OPS[op](value, bound)}
+        if isinstance(bound, str):
+            bound = metrics.get(bound)
+        out[name] = {"target": spec, "value": value, "bound": bound,
+                     "met": value is not None and bound is not None and OPS[op](value, bound)}
     return out
 
 

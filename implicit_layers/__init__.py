@@ -22,6 +22,7 @@ from implicit_layers.errors import (
     ImplicitLayerError,
     SingularSystemError,
 )
+from implicit_layers.layers.argmin import ArgminLayer, HessianAdjoint
 from implicit_layers.layers.deq import DEQLayer, JacobianFreeAdjoint, PhantomAdjoint
 from implicit_layers.layers.eq_qp import (
     DenseKKTBackend,
@@ -30,22 +31,28 @@ from implicit_layers.layers.eq_qp import (
     SparseKKTBackend,
 )
 from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
+from implicit_layers.layers.least_squares import LeastSquaresAdjoint, LeastSquaresLayer
 from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
 from implicit_layers.layers.qp import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer
 from implicit_layers.layers.sylvester import SylvesterLayer
 from implicit_layers.linalg import CG, GMRES, LU, BiCGStab, Cholesky
 from implicit_layers.solvers import (
+    LBFGS,
     OSQP,
     Anderson,
     Broyden,
+    GaussNewton,
     InteriorPoint,
+    LevenbergMarquardt,
     Newton,
+    NewtonCG,
     Picard,
     QPSolver,
     QPStatus,
     RootProblem,
     RootSolver,
+    ScipyMinimize,
     ScipyRoot,
     SolveResult,
 )
@@ -54,16 +61,18 @@ from implicit_layers.stats import LayerStats, SolverStats
 __all__ = [
     # layers
     "ImplicitLayer", "RootFindLayer", "EqualityQPLayer", "QPLayer", "LyapunovLayer",
-    "DiscreteLyapunovLayer", "SylvesterLayer", "DEQLayer", "ImplicitFunction",
+    "DiscreteLyapunovLayer", "SylvesterLayer", "DEQLayer", "ArgminLayer", "LeastSquaresLayer",
+    "ImplicitFunction",
     # informative gradients for linear programs
     "SmoothedLP", "PerturbedLP",
     # forward solvers
     "RootSolver", "RootProblem", "SolveResult", "Newton", "Broyden", "Picard", "Anderson",
     "ScipyRoot", "QPSolver", "InteriorPoint", "QPStatus", "OSQP",
+    # minimizers and least-squares solvers (argmin layers)
+    "LBFGS", "NewtonCG", "ScipyMinimize", "GaussNewton", "LevenbergMarquardt",
     # adjoints (how backward / JVP systems are solved)
     "Adjoint", "DirectAdjoint", "KrylovAdjoint", "FixedPointAdjoint", "FactorizationAdjoint",
-    "PhantomAdjoint",
-    "JacobianFreeAdjoint",
+    "PhantomAdjoint", "JacobianFreeAdjoint", "HessianAdjoint", "LeastSquaresAdjoint",
     # QP backends
     "DenseKKTBackend", "SparseKKTBackend", "OSQPBackend",
     # linear algebra

@@ -10,17 +10,22 @@
 
 from __future__ import annotations
 
+from implicit_layers.layers.argmin import ArgminLayer
 from implicit_layers.layers.deq.layer import DEQLayer
 from implicit_layers.layers.eq_qp.layer import EqualityQPLayer
 from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
+from implicit_layers.layers.least_squares import LeastSquaresLayer
 from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov
 from implicit_layers.layers.qp.layer import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer
 from implicit_layers.layers.sylvester import sylvester
 from implicit_layers.solvers.anderson import Anderson
+from implicit_layers.solvers.least_squares import LevenbergMarquardt
+from implicit_layers.solvers.minimize import LBFGS
 from implicit_layers.solvers.newton import Newton
 
-__all__ = ["root_find", "fixed_point", "eq_qp", "qp", "smoothed_lp", "perturbed_lp", "lyapunov",
+__all__ = ["root_find", "fixed_point", "argmin", "least_squares", "eq_qp", "qp", "smoothed_lp",
+           "perturbed_lp", "lyapunov",
            "discrete_lyapunov", "sylvester"]
 
 
@@ -59,6 +64,45 @@ def fixed_point(g, x, z0, *, solver=None, adjoint=None, tol=None, max_iter=None,
     solver = (solver if solver is not None else Anderson()).with_budget(tol, max_iter)
     layer = DEQLayer(g, solver, adjoint, event_ndim=event_ndim, on_failure=on_failure)
     return layer(x, z0)
+
+
+def argmin(objective, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=None,
+           on_failure="raise", event_ndim=1):
+    """``argmin_y objective(x, y)`` from ``y0``, differentiably in ``x`` (implicit gradient).
+
+    ``tol`` sets both the absolute and relative gradient tolerance of the solver (default
+    L-BFGS's). See :class:`~implicit_layers.ArgminLayer` for the other arguments.
+
+    >>> import torch
+    >>> x = torch.tensor([1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    >>> y = argmin(lambda x, y: (y - x) ** 2 + y ** 4, x, torch.zeros(2, dtype=torch.float64),
+    ...            event_ndim=0)                                  # 2(y − x) + 4y³ = 0
+    >>> torch.allclose(torch.autograd.grad(y.sum(), x)[0], 2 / (2 + 12 * y.detach() ** 2))
+    True
+    """
+    solver = (solver if solver is not None else LBFGS()).with_budget(tol, max_iter)
+    layer = ArgminLayer(objective, solver, adjoint, event_ndim=event_ndim, on_failure=on_failure)
+    return layer(x, y0)
+
+
+def least_squares(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=None,
+                  on_failure="raise", event_ndim=1):
+    """``argmin_y ½‖residual(x, y)‖²`` from ``y0``, differentiably in ``x``.
+
+    ``tol`` sets both the absolute and relative gradient tolerance of the solver (default
+    Levenberg-Marquardt's). See :class:`~implicit_layers.LeastSquaresLayer`.
+
+    >>> import torch
+    >>> A = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> b = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
+    >>> y = least_squares(lambda b, y: y @ A.T - b, b, torch.zeros(2, dtype=torch.float64))
+    >>> torch.allclose(y, torch.linalg.lstsq(A, b).solution)
+    True
+    """
+    solver = (solver if solver is not None else LevenbergMarquardt()).with_budget(tol, max_iter)
+    layer = LeastSquaresLayer(residual, solver, adjoint, event_ndim=event_ndim,
+                              on_failure=on_failure)
+    return layer(x, y0)
 
 
 def eq_qp(Q, c, A, b, *, backend="auto"):

@@ -90,3 +90,36 @@ class TensorDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def _first(items):
+    return items[0]
+
+
+class WholeDataModule(pl.LightningDataModule):
+    """Base data module whose every batch is the whole data set, a dict of tensors returned by
+    :meth:`whole_batch` (after :meth:`setup`): ``steps_per_epoch`` training batches per epoch,
+    one for validation and one for testing.
+
+    Args:
+        steps_per_epoch: optimizer steps per epoch.
+    """
+
+    def __init__(self, steps_per_epoch: int = 10):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+
+    def whole_batch(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _loader(self, steps: int) -> DataLoader:
+        return DataLoader([self.whole_batch()] * steps, batch_size=1, collate_fn=_first)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.steps_per_epoch)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(1)

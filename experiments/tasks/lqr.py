@@ -12,14 +12,13 @@ layer's convention ``A P + P Aᵀ + Q = 0``. The optimum is the Riccati gain
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import scipy.linalg as sla
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 import implicit_layers as il
+from experiments.tasks.data import WholeDataModule
 from experiments.tasks.module import TaskModule
 
 
@@ -32,11 +31,7 @@ def lqr_cost(K: np.ndarray, A, B, Q, R, Sigma0) -> float:
     return float(np.trace(P @ Sigma0))
 
 
-def _first(items):
-    return items[0]
-
-
-class LQRSystemDataModule(pl.LightningDataModule):
+class LQRSystemDataModule(WholeDataModule):
     """A random linear system with some unstable modes, its costs, and the reference solution.
 
     Every "batch" is the system itself (a dict of float64 tensors); ``steps_per_epoch`` sets how
@@ -54,9 +49,9 @@ class LQRSystemDataModule(pl.LightningDataModule):
 
     def __init__(self, n: int = 6, m: int = 2, instability: float = 0.3, init_r_scale: float = 30.0,
                  steps_per_epoch: int = 10, seed: int = 0):
-        super().__init__()
+        super().__init__(steps_per_epoch)
         self.n, self.m, self.instability, self.init_r_scale = n, m, instability, init_r_scale
-        self.steps_per_epoch, self.seed = steps_per_epoch, seed
+        self.seed = seed
         self.system: dict[str, np.ndarray] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -75,18 +70,8 @@ class LQRSystemDataModule(pl.LightningDataModule):
         self.K_init = np.linalg.solve(R * self.init_r_scale, B.T @ X0)
         self.J_star = lqr_cost(self.K_star, **self.system)
 
-    def _loader(self, steps: int) -> DataLoader:
-        batch = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in self.system.items()}
-        return DataLoader([batch] * steps, batch_size=1, collate_fn=_first)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.steps_per_epoch)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(1)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(1)
+    def whole_batch(self) -> dict[str, Tensor]:
+        return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in self.system.items()}
 
 
 class LQRGain(TaskModule):

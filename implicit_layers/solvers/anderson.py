@@ -21,8 +21,6 @@ The ``m × m`` systems are factored single-threaded on CPU: MKL's threaded LAPAC
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
 
@@ -33,6 +31,7 @@ from implicit_layers.solvers.base import (
     SolveResult,
     where_active,
 )
+from implicit_layers.solvers.threads import single_threaded
 from implicit_layers.stats import check_finite_iterate
 
 
@@ -134,7 +133,7 @@ class _History:
         # valid columns: λ·s on the diagonal; unused columns: a decoupled identity row (γ = 0)
         shift = lam * scale.unsqueeze(-1) * v + (1.0 - v) * scale.unsqueeze(-1)
         system = gram + torch.diag_embed(shift)
-        with _single_threaded(system.device):
+        with single_threaded(system.device):
             L, info = torch.linalg.cholesky_ex(system)
             gamma = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         broken = (info > 0) | ~torch.isfinite(gamma).all(-1)
@@ -152,17 +151,3 @@ class _History:
         self.D[:, self.slot] = dy + beta * df
         self.valid[:, self.slot] = True
         self.slot = (self.slot + 1) % self.m
-
-
-@contextmanager
-def _single_threaded(device: torch.device):
-    """Run tiny CPU LAPACK calls on one thread (restoring the thread count afterwards)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -11,7 +11,8 @@ from experiments.train import CONFIGS, train
 # experiment -> the layer it trains through (its test is skipped until that layer has landed)
 EXPERIMENTS = {"deq_digits": "DEQLayer", "lqr_lyapunov": "LyapunovLayer",
                "qp_decision": "EqualityQPLayer", "rootfind_eos": "RootFindLayer",
-               "qp_sudoku": "QPLayer", "lp_shortest_path": "PerturbedLP"}
+               "qp_sudoku": "QPLayer", "lp_shortest_path": "PerturbedLP",
+               "hyperparam_ridge": "ArgminLayer"}
 
 
 def needs_layer(experiment: str):

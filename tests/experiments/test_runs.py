@@ -16,7 +16,8 @@ from tests.experiments.conftest import experiment_params, needs_layer, run, stat
 # the Lyapunov layer is a direct solve whose backward reuses the forward factorization).
 REPORTED = {"deq_digits": ("forward", "backward"), "lqr_lyapunov": ("forward",),
             "qp_decision": ("forward",), "rootfind_eos": ("forward", "backward"), "qp_sudoku": ("forward",),
-            "lp_shortest_path": ("forward",)}
+            "lp_shortest_path": ("forward",),
+            "hyperparam_ridge": ("forward", "backward")}
 
 # Small but real settings per experiment: a few epochs on reduced data.
 SHORT = {
@@ -27,6 +28,7 @@ SHORT = {
     "qp_sudoku": ["trainer.max_epochs=1", "data.n=300"],
     "lp_shortest_path": ["trainer.max_epochs=2", "data.n_train=256", "data.n_val=50", "data.n_test=100",
                          "model.surrogate.samples=4", "model.spo_plus.epochs=1"],
+    "hyperparam_ridge": ["trainer.max_epochs=2", "data.steps_per_epoch=5"],
 }
 
 
