@@ -30,8 +30,8 @@ from implicit_layers.layers.eq_qp import (
     OSQPBackend,
     SparseKKTBackend,
 )
-from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
 from implicit_layers.layers.least_squares import LeastSquaresAdjoint, LeastSquaresLayer
+from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
 from implicit_layers.layers.lyapunov import DiscreteLyapunovLayer, LyapunovLayer
 from implicit_layers.layers.qp import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer

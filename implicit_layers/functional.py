@@ -13,8 +13,8 @@ from __future__ import annotations
 from implicit_layers.layers.argmin import ArgminLayer
 from implicit_layers.layers.deq.layer import DEQLayer
 from implicit_layers.layers.eq_qp.layer import EqualityQPLayer
-from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
 from implicit_layers.layers.least_squares import LeastSquaresLayer
+from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
 from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov
 from implicit_layers.layers.qp.layer import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from implicit_layers.core.compat import is_wrapped
+from implicit_layers.compat import is_wrapped
 
 FAILURE_POLICIES = ("raise", "warn")
 #: dtypes the solvers support: half precision lacks the range and the LAPACK kernels

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from implicit_layers.core.compat import in_forward_ad
+from implicit_layers.compat import in_forward_ad
 
 
 def jvp(f: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from implicit_layers.compat import compiler_disable, parameter_slots, swapped_parameters
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint
 from implicit_layers.core.checks import check_policy, check_same_dtype_device, check_tensor
-from implicit_layers.core.compat import compiler_disable, parameter_slots, swapped_parameters
 from implicit_layers.core.implicit import ImplicitFunction
 from implicit_layers.core.independence import SampleCheck
 from implicit_layers.core.problem import ImplicitProblem
@@ -25,7 +25,7 @@ from implicit_layers.stats import LayerStats
 class _Maps(nn.Module):
     """Holds the user's residual (and optional fixed-point map and objective) so that their
     parameters are registered, and evaluates them with the autograd function's inputs in
-    place of those parameters (:func:`~implicit_layers.core.compat.swapped_parameters`)."""
+    place of those parameters (:func:`~implicit_layers.compat.swapped_parameters`)."""
 
     def __init__(self, residual: Callable, fixed_point_map: Callable | None,
                  objective: Callable | None):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from implicit_layers.core.compat import any_wrapped
+from implicit_layers.compat import any_wrapped
 from implicit_layers.stats import LayerStats
 
 Residual = Callable[[tuple[Tensor, ...], Tensor, tuple[Tensor, ...]], Tensor]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint
-from implicit_layers.core.implicit import ImplicitLayer
+from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.dense import Cholesky
 from implicit_layers.solvers.base import RootSolver

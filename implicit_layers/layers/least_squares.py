@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.adjoint import Adjoint
-from implicit_layers.core.implicit import ImplicitLayer
+from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.argmin import HessianAdjoint
 from implicit_layers.solvers.base import RootSolver
 from implicit_layers.solvers.least_squares.base import NormalEquations, SumOfSquares

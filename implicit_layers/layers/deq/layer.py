@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from implicit_layers.compat import is_wrapped
 from implicit_layers.core.adjoint import Adjoint, FixedPointAdjoint
-from implicit_layers.core.compat import is_wrapped
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.deq.stability import (
     jacobian_frobenius_estimate,

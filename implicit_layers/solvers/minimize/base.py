@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.compat import is_wrapped
 from implicit_layers.solvers.base import IterationLog, RootProblem, RootSolver
 
 
@@ -26,7 +27,7 @@ def _functional(t: Tensor) -> bool:
     """Whether derivatives must come from ``torch.func``: under a ``torch.func`` transform, or
     in inference mode (where autograd records nothing); classic autograd is ~2× faster on the
     small calls of an iteration otherwise (measured here)."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.is_inference_mode_enabled()
+    return is_wrapped(t) or torch.is_inference_mode_enabled()
 
 
 class Objective:
