@@ -1,7 +1,8 @@
 """The only module that touches private torch internals; each use says why and where checked.
 
 A ground-floor module (beside :mod:`~implicit_layers.errors` and :mod:`~implicit_layers.stats`):
-solvers and the core alike ask it whether a tensor is a ``torch.func`` wrapper.
+solvers and the core alike ask it whether a tensor is a ``torch.func`` wrapper, and the input
+checks (:mod:`~implicit_layers.checks`, also ground floor) skip value checks on wrappers.
 
 Checked against torch 2.3 – 2.13 (CPU build 2.13.0 in CI). If a torch release moves one of
 these, only this file needs to change.

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import all_finite, check_tensor
 from implicit_layers.compat import any_wrapped
-from implicit_layers.core.checks import all_finite, check_tensor
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linear_solve import LinearSolve
 from implicit_layers.core.problem import ImplicitProblem, align_batch_dims

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from implicit_layers.checks import check_policy, check_same_dtype_device, check_tensor
 from implicit_layers.compat import compiler_disable, parameter_slots, swapped_parameters
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint
-from implicit_layers.core.checks import check_policy, check_same_dtype_device, check_tensor
 from implicit_layers.core.implicit import ImplicitFunction
 from implicit_layers.core.independence import SampleCheck
 from implicit_layers.core.problem import ImplicitProblem

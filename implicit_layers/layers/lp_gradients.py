@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.core.checks import check_tensor
+from implicit_layers.checks import check_tensor
 from implicit_layers.layers.qp.layer import QPLayer
 
 

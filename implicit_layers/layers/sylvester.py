@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import check_same_dtype_device, check_tensor
 from implicit_layers.core.adjoint import FactorizationAdjoint
-from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.sylvester import BACKENDS, SylvesterFactorization, factor_sylvester

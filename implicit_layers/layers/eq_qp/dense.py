@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.core.checks import check_tensor
+from implicit_layers.checks import check_tensor
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.kkt.equality import (
     SMALL_KKT_NUMEL,

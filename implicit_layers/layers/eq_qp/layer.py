@@ -36,9 +36,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import check_same_dtype_device, check_tensor
 from implicit_layers.core.adjoint import FactorizationAdjoint
 from implicit_layers.core.broadcast import outer_sum, sum_to
-from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.eq_qp.dense import DenseKKTBackend
 from implicit_layers.layers.eq_qp.osqp import OSQPBackend

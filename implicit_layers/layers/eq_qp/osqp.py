@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from implicit_layers.core.checks import check_policy
+from implicit_layers.checks import check_policy
 from implicit_layers.layers.eq_qp.dense import KKTFactorization, sym
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.kkt.equality import factor_kkt

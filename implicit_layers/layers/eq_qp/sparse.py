@@ -21,8 +21,8 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import check_same_dtype_device, check_tensor
 from implicit_layers.compat import is_wrapped
-from implicit_layers.core.checks import check_same_dtype_device, check_tensor
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.sparse import SparseSaddleLDL

@@ -37,9 +37,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import check_policy, check_same_dtype_device, check_tensor
 from implicit_layers.compat import is_wrapped
 from implicit_layers.core.adjoint import FactorizationAdjoint
-from implicit_layers.core.checks import check_policy, check_same_dtype_device, check_tensor
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.qp.forward import QPForward, qp_residual
 from implicit_layers.solvers.qp import InteriorPoint, QPSolver

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor, nn
 
+from implicit_layers.compat import in_forward_ad
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.dense import Cholesky
@@ -130,7 +130,7 @@ class Residuals(Objective):
         inside a classic forward-AD level (where ``torch.func.jvp`` is refused)."""
         self.evaluations += 1
         eye = torch.eye(self.n, dtype=y.dtype, device=y.device)
-        if forward_ad._current_level < 0:
+        if not in_forward_ad():
             basis = eye[:, None, :].expand(self.n, self.B, self.n)
             r, cols = torch.func.vmap(lambda t: torch.func.jvp(self._r, (y,), (t,)),
                                       out_dims=(None, 0))(basis)

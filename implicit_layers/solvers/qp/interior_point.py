@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.core.checks import check_count, check_positive
+from implicit_layers.checks import check_count, check_positive
 from implicit_layers.solvers.qp.active_set import derivative_and_polish
 from implicit_layers.solvers.qp.base import QPSolution, QPSolver, QPStatus
 from implicit_layers.solvers.qp.feasibility import mark_infeasible
