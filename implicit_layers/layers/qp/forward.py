@@ -105,6 +105,7 @@ class QPForward:
         self.solver, self.infeasible = solver, infeasible
         self.name = solver.name
         self.upper = self.lower = None
+        self.infeasible_samples: Tensor | None = None
 
     def residual(self, xs, y: Tensor) -> Tensor:
         return qp_residual(xs, y, self.upper, self.lower)
@@ -125,10 +126,9 @@ class QPForward:
         qp = QPProblem.from_data(flat(Q, 2), flat(c, 1), flat(A, 2), flat(b, 1), flat(G, 2),
                                  flat(lower, 1), flat(upper, 1))
         sol = self.solver.solve(qp)
-        if self.infeasible == "closest":
-            from implicit_layers.layers.qp.closest import closest_feasible
-
-            sol = closest_feasible(self.solver, qp, sol)
+        self.infeasible_samples = (sol.status == QPStatus.INFEASIBLE).nonzero().squeeze(-1)
+        if self.infeasible == "closest":  # the layer solves these again, shifted: not failures
+            sol.stats.converged = sol.stats.converged | (sol.status == QPStatus.INFEASIBLE)
         finite = lambda t: torch.where(torch.isfinite(t), t, 0.0)  # noqa: E731
         y = torch.cat([finite(sol.x), finite(sol.lam), finite(sol.mu)], -1).reshape(*batch, -1)
         fac = sol.derivative
@@ -151,5 +151,7 @@ def _reshaped(stats: SolverStats, batch) -> SolverStats:
 
 def _failure_message(status: Tensor, solver: str) -> str | None:
     failed = [(s, int((status == s).sum())) for s in ADVICE]
+    if not any(k for _, k in failed):
+        return None
     failed = [f"{k} {ADVICE[s]}" for s, k in failed if k]
     return f"({solver}: {'; '.join(failed)})" if failed else None

@@ -41,6 +41,7 @@ from implicit_layers.checks import check_policy, check_same_dtype_device, check_
 from implicit_layers.compat import is_wrapped
 from implicit_layers.core.adjoint import FactorizationAdjoint
 from implicit_layers.core.layer import ImplicitLayer
+from implicit_layers.layers.qp.closest import resolve_closest
 from implicit_layers.layers.qp.forward import QPForward, qp_residual
 from implicit_layers.solvers.qp import InteriorPoint, QPSolver
 
@@ -102,18 +103,22 @@ class QPLayer(ImplicitLayer):
         inputs = check_qp_inputs(Q, c, A, b, G, h, lower)
         return self._solve_qp(inputs)
 
-    def _solve_qp(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
-        """The implicit function on checked inputs ``(Q, c, A, b, G, lower, upper)``."""
+    def _solve_qp(self, inputs: tuple[Tensor, ...], closest: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """The implicit function on checked inputs ``(Q, c, A, b, G, lower, upper)``; with
+        ``infeasible="closest"`` (and ``closest``), infeasible samples solved again as their
+        closest feasible QP."""
         Q, c, A, b, G, lower, upper = inputs
-        Q = 0.5 * (Q + Q.mT)
+        inputs = (0.5 * (Q + Q.mT), c, A, b, G, lower, upper)
         n, p, m = c.shape[-1], A.shape[-2], G.shape[-2]
         batch = torch.broadcast_shapes(*(t.shape[: t.ndim - e] for t, e in zip(inputs, EVENT_NDIMS)))
         y0 = c.new_zeros(*batch, n + p + m)
-        forward = QPForward(self.solver, self.infeasible)
-        y = self._solve((Q, c, A, b, G, lower, upper), y0, solver=forward,
-                        residual=forward.residual, x_names=NAMES, broadcasts=True,
-                        x_event_ndims=EVENT_NDIMS, sample_check=False, check_inputs=False,
-                        input_pullback=forward.pullback)
+        forward = QPForward(self.solver, self.infeasible if closest else "raise")
+        y = self._solve(inputs, y0, solver=forward, residual=forward.residual, x_names=NAMES,
+                        broadcasts=True, x_event_ndims=EVENT_NDIMS, sample_check=False,
+                        check_inputs=False, input_pullback=forward.pullback)
+        idx = forward.infeasible_samples
+        if self.infeasible == "closest" and closest and idx is not None and idx.numel():
+            y = resolve_closest(self, inputs, EVENT_NDIMS, y, idx)
         return y[..., :n], y[..., n:n + p], y[..., n + p:]
 
     def extra_repr(self) -> str:
@@ -174,4 +179,7 @@ def check_qp_inputs(Q, c, A, b, G, h, lower) -> tuple[Tensor, ...]:
             raise ValueError(f"{name} contains NaN")
         if bool((t == bad).any()):
             raise ValueError(f"{name} contains {float(bad)}: that bound can never hold")
+    if m and not is_wrapped(lower) and not is_wrapped(h) and bool((lower > h).any()):
+        raise ValueError(f"lower exceeds h in {int((lower > h).sum())} entries: an empty interval "
+                         f"(infeasible constraints are fine; crossed bounds are malformed input)")
     return Q, c, A, b, G, lower, h

@@ -167,12 +167,28 @@ class PrimalKKT:
         out.rho, out.delta, out.delta_ineq = self.rho, self.delta, self.delta_ineq
         return out
 
-    def factor(self, w: Tensor, G: Tensor | None = None) -> PrimalKKTFactor:
+    def factor(self, w: Tensor, G: Tensor | None = None, retries: int = 2) -> PrimalKKTFactor:
         """Factor ``M_δ`` for the diagonal ``w ≥ 0`` (``(B, m)``); ``G`` replaces the stored
-        constraint rows (e.g. masked to the active set)."""
+        constraint rows (e.g. masked to the active set).
+
+        Dynamic regularization: a sample whose Cholesky fails (``H`` is positive definite in
+        exact arithmetic, but a singular ``Q`` leaves ``ρ`` against entries up to ``1/δ``) is
+        factored again with ``ρ`` raised 10⁴-fold, up to ``retries`` times; the refinement
+        against the exact matrix makes up for it."""
         G = self.G if G is None else G
         d = (w + self.delta_ineq).reciprocal()
         H = torch.baddbmm(self.H0, G.mT, G * d.unsqueeze(-1))
         L, info = cholesky_lower(H)
         ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
+        boost = self.rho
+        for _ in range(retries):
+            if bool(ok.all()):
+                break
+            boost *= 1e4
+            retry = H + boost * (~ok).to(H.dtype)[:, None, None] * torch.eye(
+                H.shape[-1], dtype=H.dtype, device=H.device)
+            L2, info2 = cholesky_lower(retry)
+            fixed = ~ok & (info2 == 0) & torch.isfinite(L2.diagonal(dim1=-2, dim2=-1)).all(-1)
+            L = torch.where(fixed[:, None, None], L2, L)
+            ok = ok | fixed
         return PrimalKKTFactor(L, self.A, G, self.delta, d, ok)
