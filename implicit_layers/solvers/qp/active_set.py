@@ -177,38 +177,51 @@ def derivative_and_polish(problem: QPProblem, sol: QPSolution, slack_u: Tensor, 
     x, lam, mu = sol.x, sol.lam, sol.mu
     status = sol.status.clone()
     usable = fac.ok & (status != QPStatus.INFEASIBLE) & (status != QPStatus.UNBOUNDED)
+    residual = sol.stats.residual
+    singular = torch.zeros_like(usable)
     if polish:
-        xp, lp, mp = fac.polish()
-        # where the active constraints are dependent the polished multipliers are one point
-        # of a non-unique set and may have wrong signs; the second candidate is the solver's
-        # own (sign-correct) multipliers, moved onto that set by one more solve with K
-        mu_a = torch.where(upper | lower, mu, 0.0)
-        r_d = mv(problem.Q, xp) + problem.c + mv(problem.A.mT, lam) + mv(problem.G.mT, mu_a)
-        dx, dl, dm = fac.solve(-r_d, torch.zeros_like(lam), torch.zeros_like(mu))
-        candidates = ((xp, lp, mp), (xp + dx, lam + dl, mu_a + dm))
-        accepted = torch.zeros_like(usable)
         # a loose tol must not admit a wrong active set: the polished point is kept only if
         # it is optimal to about the square root of the working precision
         strict = min(tol, torch.finfo(x.dtype).eps ** 0.5)
-        for xc, lc, mc in candidates:
-            right_sign = ((mc >= 0) | ~upper) & ((mc <= 0) | ~lower)
-            res = optimality_residual(problem, xc, lc, torch.where(right_sign, mc, 0.0))
-            accept = usable & ~accepted & right_sign.all(-1) & (res <= strict) & torch.isfinite(res)
-            keep = accept.unsqueeze(-1)
-            x, lam, mu = torch.where(keep, xc, x), torch.where(keep, lc, lam), torch.where(keep, mc, mu)
-            accepted = accepted | accept
+        xp, lp, mp = fac.polish()
+        singular = fac.singular.clone()
+        x, lam, mu, residual, accepted = _accept(problem, (xp, lp, mp), (x, lam, mu), residual,
+                                                 usable, upper, lower, strict)
+        todo = usable & ~accepted
+        if bool(todo.any()):
+            # where the active constraints are dependent the polished multipliers are one
+            # point of a non-unique set and may have wrong signs; the second candidate is the
+            # solver's own (sign-correct) multipliers, moved onto that set by one more solve
+            mu_a = torch.where(upper | lower, mu, 0.0)
+            r_d = mv(problem.Q, xp) + problem.c + mv(problem.A.mT, lam) + mv(problem.G.mT, mu_a)
+            dx, dl, dm = fac.solve(-r_d, torch.zeros_like(lam), torch.zeros_like(mu))
+            x, lam, mu, residual, second = _accept(problem, (xp + dx, lam + dl, mu_a + dm),
+                                                   (x, lam, mu), residual, todo, upper, lower,
+                                                   strict)
+            accepted = accepted | second
         status = torch.where(accepted, QPStatus.SOLVED, status)
     active = upper | lower
     mu = torch.where(active, mu, 0.0)  # exact complementarity off the active set
     solved = status == QPStatus.SOLVED
     sol.stats.converged = solved
     sol.stats.extra["status"] = status
-    sol.stats.residual = torch.where(solved, optimality_residual(problem, x, lam, mu),
-                                     sol.stats.residual)
+    sol.stats.residual = residual
     weak = _weakly_active(problem, x, mu, upper, lower, scaling, tol)
-    sol.stats.extra["degenerate"] = (weak | fac.singular) & solved
+    sol.stats.extra["degenerate"] = (weak | singular) & solved
     fac.ok = fac.ok & solved
     return QPSolution(x, lam, mu, status, sol.stats, fac)
+
+
+def _accept(problem, candidate, current, residual, eligible, upper, lower, tol):
+    """``current`` (and its residual) replaced by ``candidate`` where it is optimal to
+    ``tol`` with right-signed multipliers; also returns where it was."""
+    xc, lc, mc = candidate
+    right_sign = ((mc >= 0) | ~upper) & ((mc <= 0) | ~lower)
+    res = optimality_residual(problem, xc, lc, torch.where(right_sign, mc, 0.0))
+    accept = eligible & right_sign.all(-1) & (res <= tol) & torch.isfinite(res)
+    keep = accept.unsqueeze(-1)
+    x, lam, mu = (torch.where(keep, c, o) for c, o in zip(candidate, current, strict=True))
+    return x, lam, mu, torch.where(accept, res, residual), accept
 
 
 def _weakly_active(P: QPProblem, x: Tensor, mu: Tensor, upper: Tensor, lower: Tensor,

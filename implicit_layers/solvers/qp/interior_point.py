@@ -287,7 +287,7 @@ def _classify(view, st: _State, res, parts, jammed, tol, inf_tol, last: bool) ->
     certificate_tol = torch.where(jammed, inf_tol ** 0.5, inf_tol)
     tiny = torch.finfo(res.dtype).tiny
     new = torch.full(res.shape, RUNNING, dtype=torch.int64, device=res.device)
-    scale = 1 + torch.stack([inf_norm(t.flatten(1)) for t in (P.Q, P.A, P.G)]).amax(0)
+    scale = view.data_scale
     if view.may_be_unbounded:  # x/‖x‖∞ → a ray d with Qd ≈ 0, Ad ≈ 0, Gd in the recession cone
         nx = inf_norm(st.x).clamp_min(tiny)
         Gx = parts["Gx"]
@@ -342,13 +342,18 @@ def _step(view, st: _State, parts, res: Tensor, reg: float, tol: float, w_min: f
     D = fu * zu / su + fl * zl / sl
     W = D.reciprocal().clamp_min(w_min)
     fac = view.factor(W, reg)
+    # the dual order's δ only matters once some W is down to its size (near the solution);
+    # the primal order's δ-penalized equality block always does
+    refine = not is_whitened(view) or bool((W < 1e3 * reg).any())
 
     def solve(r1, r2, r3):
-        """``M⁻¹ r`` with one step of refinement against the unregularized ``M``: the
-        regularization δ dominates ``W`` on the active constraints near the solution. The
-        step is kept only where it reduces the residual (where ``M`` is singular, e.g. more
-        active constraints than unknowns, refinement would amplify its null space by 1/δ)."""
+        """``M⁻¹ r``, with one step of refinement against the unregularized ``M`` where the
+        regularization matters (``refine``). The step is kept only where it reduces the
+        residual (where ``M`` is singular, e.g. more active constraints than unknowns,
+        refinement would amplify its null space by 1/δ)."""
         z = fac.solve_and_product(r1, r2, r3)
+        if not refine:
+            return z
         res0 = _residual(view.kkt_product(W, *z[:3]), (r1, r2, r3))
         d = fac.solve_and_product(*res0)
         z1 = tuple(zi + di for zi, di in zip(z, d))

@@ -96,31 +96,35 @@ class QPProblem:
         return (torch.where(self.has_lower, self.lower, zero),
                 torch.where(self.has_upper, self.upper, zero))
 
-    def equilibrated(self, iterations: int = 10) -> tuple[QPProblem, Scaling]:
+    def equilibrated(self, iterations: int = 4) -> tuple[QPProblem, Scaling]:
         """The rescaled problem ``(D Q D σ, D c σ, E_A A D, E_A b, E_G G D, E_G l, E_G u)`` and
         the :class:`Scaling` that maps its solutions back.
 
         Modified Ruiz: repeatedly divide every row and column of ``[[Q, Cᵀ], [C, 0]]`` by the
-        square root of its ∞-norm (clamped to [1e-4, 1e4] per step), then scale the cost so
-        that ``σ max(‖Q‖, ‖c‖) ≈ 1`` (OSQP's recipe). Rows with zero norm are left alone."""
+        square root of its ∞-norm (clamped to [1e-2, 1e2] per step), then scale the cost so
+        that ``σ max(‖Q‖, ‖c‖) ≈ 1`` (OSQP's recipe). Rows with zero norm are left alone. The
+        norms are read off ``|Q|``, ``|A|``, ``|G|`` (taken once) and the running scalings; the
+        scaled matrices are formed once, at the end."""
         Q, c, A, G = self.Q, self.c, self.A, self.G
-        n = Q.shape[-1]
-        dtype, device = c.dtype, c.device
-        D = torch.ones(self.batch, n, dtype=dtype, device=device)
-        E_A = torch.ones(self.batch, A.shape[-2], dtype=dtype, device=device)
-        E_G = torch.ones(self.batch, G.shape[-2], dtype=dtype, device=device)
-        Qs, As, Gs = Q, A, G
+        aQ, aA, aG = Q.abs(), A.abs(), G.abs()
+        D = torch.ones_like(c)
+        E_A = torch.ones_like(self.b)
+        E_G = torch.ones_like(self.lower)
         for _ in range(iterations):
-            col = torch.maximum(_col_norm(Qs), torch.maximum(_col_norm(As), _col_norm(Gs)))
+            Dr = D.unsqueeze(-2)  # column scales as a row
+            col = torch.maximum(_col_norm(aQ * D.unsqueeze(-1) * Dr) if Q.shape[-1] else D,
+                                torch.maximum(_col_norm(aA * E_A.unsqueeze(-1) * Dr),
+                                              _col_norm(aG * E_G.unsqueeze(-1) * Dr)))
             d = _ruiz_factor(col)
-            e_A, e_G = _ruiz_factor(inf_norm(As)), _ruiz_factor(inf_norm(Gs))
+            e_A = _ruiz_factor(inf_norm(aA * Dr) * E_A)
+            e_G = _ruiz_factor(inf_norm(aG * Dr) * E_G)
             D, E_A, E_G = D * d, E_A * e_A, E_G * e_G
-            Qs = Qs * d.unsqueeze(-1) * d.unsqueeze(-2)
-            As = As * e_A.unsqueeze(-1) * d.unsqueeze(-2)
-            Gs = Gs * e_G.unsqueeze(-1) * d.unsqueeze(-2)
+        Dr = D.unsqueeze(-2)
+        Qs = Q * D.unsqueeze(-1) * Dr
+        As, Gs = A * E_A.unsqueeze(-1) * Dr, G * E_G.unsqueeze(-1) * Dr
         cs = D * c
         cost = torch.maximum(inf_norm(Qs.flatten(1)), inf_norm(cs))
-        sigma = torch.where(cost > 0, 1 / cost.clamp_min(torch.finfo(dtype).tiny), 1.0).clamp(1e-4, 1e4)
+        sigma = torch.where(cost > 0, 1 / cost.clamp_min(torch.finfo(c.dtype).tiny), 1.0).clamp(1e-4, 1e4)
         scaled = QPProblem(Qs * sigma[:, None, None], cs * sigma[:, None], As, E_A * self.b, Gs,
                            E_G * self.lower, E_G * self.upper, self.has_lower, self.has_upper)
         return scaled, Scaling(D, E_A, E_G, sigma)

@@ -30,11 +30,12 @@ class PrimalView:
 
     may_be_unbounded = True
 
-    def __init__(self, problem: QPProblem, kkt: PrimalKKT):
+    def __init__(self, problem: QPProblem, kkt: PrimalKKT, data_scale: Tensor | None = None):
         self.problem, self.kkt, self.c = problem, kkt, problem.c
+        self.data_scale = _data_scale(problem) if data_scale is None else data_scale
 
     def select(self, idx: Tensor) -> PrimalView:
-        return PrimalView(self.problem.select(idx), self.kkt.select(idx))
+        return PrimalView(self.problem.select(idx), self.kkt.select(idx), self.data_scale[idx])
 
     def products(self, x: Tensor, lam: Tensor, mu: Tensor) -> tuple[Tensor, ...]:
         """``(Qx, Ax, Gx, Aᵀλ, Gᵀμ)``."""
@@ -66,12 +67,13 @@ class WhitenedView:
 
     may_be_unbounded = False
 
-    def __init__(self, problem: QPProblem, system: ReducedQPKKT):
+    def __init__(self, problem: QPProblem, system: ReducedQPKKT, data_scale: Tensor | None = None):
         self.problem, self.system = problem, system
         self.c = tri_vec(system.L, problem.c)
+        self.data_scale = _data_scale(problem) if data_scale is None else data_scale
 
     def select(self, idx: Tensor) -> WhitenedView:
-        return WhitenedView(self.problem.select(idx), self.system.select(idx))
+        return WhitenedView(self.problem.select(idx), self.system.select(idx), self.data_scale[idx])
 
     def products(self, x: Tensor, lam: Tensor, mu: Tensor) -> tuple[Tensor, ...]:
         """``(Q̃x̃, Ãx̃, G̃x̃, Ãᵀλ, G̃ᵀμ)`` with ``Q̃ = I`` and ``[Ã; G̃] = U``."""
@@ -97,6 +99,12 @@ class WhitenedView:
 
     def to_original(self, x: Tensor) -> Tensor:
         return tri_vec(self.system.L, x, transpose=True)
+
+
+def _data_scale(P: QPProblem) -> Tensor:
+    """``1 + max |entry|`` of ``Q, A, G`` per sample (the certificates' scale)."""
+    flat = [t.flatten(1).abs().amax(-1) for t in (P.Q, P.A, P.G) if t[0].numel()]
+    return 1 + (torch.stack(flat).amax(0) if flat else P.c.new_zeros(P.c.shape[0]))
 
 
 def make_view(problem: QPProblem, whiten: bool, reg: float) -> PrimalView | WhitenedView:
