@@ -105,6 +105,7 @@ class ActiveSetKKT:
         self.ok = self.fac.ok
         self.max_refine = max_refine
         self.tol = torch.finfo(dtype).eps ** 0.75
+        self.data_norm = _data_norm(scaled)
         self.singular = torch.zeros_like(self.ok)
 
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,7 +120,7 @@ class ActiveSetKKT:
         r = (r1 * sig * S.D, r2 * S.E_A, r3 * S.E_G)
         z = self.fac.solve(*r)
         P = self.scaled
-        threshold = self.tol * (_stacked_inf(r) + _data_norm(P) * _stacked_inf(z))
+        threshold = self.tol * (_stacked_inf(r) + self.data_norm * _stacked_inf(z))
         best = torch.full_like(threshold, float("inf"))
         for step in range(self.max_refine + 1):
             res = tuple(ri - ki for ri, ki in

@@ -110,6 +110,8 @@ class QPProblem:
         D = torch.ones_like(c)
         E_A = torch.ones_like(self.b)
         E_G = torch.ones_like(self.lower)
+        if _well_scaled(aQ, aA, aG):  # every row and column norm within [1/4, 4] already
+            iterations = 0
         for _ in range(iterations):
             Dr = D.unsqueeze(-2)  # column scales as a row
             col = torch.maximum(_col_norm(aQ * D.unsqueeze(-1) * Dr) if Q.shape[-1] else D,
@@ -128,6 +130,14 @@ class QPProblem:
         scaled = QPProblem(Qs * sigma[:, None, None], cs * sigma[:, None], As, E_A * self.b, Gs,
                            E_G * self.lower, E_G * self.upper, self.has_lower, self.has_upper)
         return scaled, Scaling(D, E_A, E_G, sigma)
+
+
+def _well_scaled(aQ: Tensor, aA: Tensor, aG: Tensor) -> bool:
+    """Whether the KKT matrix's row and column ∞-norms all lie in [1/4, 4] (nonzero ones)."""
+    norms = [_col_norm(aQ), _col_norm(aA), _col_norm(aG), inf_norm(aA), inf_norm(aG)]
+    cols = torch.maximum(norms[0], torch.maximum(norms[1], norms[2]))
+    rows = torch.cat([norms[3], norms[4]], -1)
+    return all(bool(((v == 0) | ((v >= 0.25) & (v <= 4))).all()) for v in (cols, rows))
 
 
 def _col_norm(M: Tensor) -> Tensor:
