@@ -106,7 +106,7 @@ class Anderson(RootSolver):
                 gamma, broken = history.coefficients()
                 step = history.mix(base, gamma)
                 if broken is not None:
-                    restarts += where_active(active, broken, False).reshape(-1)
+                    restarts += broken if active is None else broken & active.squeeze(-1)
             y_new = where_active(active, step, y)
             g = flat.g(y_new)
             f_new = g - y_new
@@ -156,7 +156,7 @@ class _History:
     def coefficients(self) -> tuple[Tensor, Tensor | None]:
         """Mixing coefficients ``γ`` (B, m) and the mask of samples whose system broke down
         (None when known on the host to be empty)."""
-        if self.gram.device.type != "cpu":
+        if not _solve_on_host(self.gram):
             gamma, ok = _mixing_coefficients(self.gram, self.rhs, self.count, self.eye, self.lam)
             return gamma.to(self.D.dtype), ~ok
         count = self.count.numpy() if isinstance(self.count, Tensor) else self.count
@@ -197,6 +197,11 @@ class _History:
         self.gram[:, slot, :] = prods[:, 0]
         self.gram[:, :, slot] = prods[:, 0]
         self.rhs = prods[:, 1] * self.unit64
+
+
+def _solve_on_host(t: Tensor) -> bool:
+    """Whether the small systems of ``t``'s device go to NumPy (CPU tensors)."""
+    return t.device.type == "cpu"
 
 
 def _mixing_coefficients(gram, rhs, count, eye, lam: float):
