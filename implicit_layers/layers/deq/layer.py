@@ -15,6 +15,11 @@ The default adjoint iterates the adjoint fixed point with Anderson
 :class:`~implicit_layers.PhantomAdjoint` / :class:`~implicit_layers.JacobianFreeAdjoint`.
 Only ``z*`` and the inputs are saved for backward: memory does not grow with the number of
 forward iterations. Double backward, ``torch.func.jvp``/``jacfwd``/``vmap`` come from the core.
+
+Training aids: ``forward(x, z0)`` warm-starts the solve (pass a sample's previous equilibrium;
+the solve stops at once if it still meets the tolerance), and ``forward(x, trajectory=k)``
+returns ``k`` states of the solve for fixed-point correction (see
+:mod:`~implicit_layers.layers.deq.trajectory`).
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ class DEQLayer(ImplicitLayer):
             ``‖cell(x, z) − z‖ / ‖z‖`` at the returned point exceeds this, a
             ``ConvergenceWarning`` says the implicit gradient is inaccurate (None disables;
             skipped inside ``torch.func`` transforms).
+        trajectory_adjoint: the adjoint of the intermediate states returned by
+            ``forward(x, trajectory=k)`` (default: ``adjoint``, the implicit gradient at each
+            state; e.g. ``PhantomAdjoint(k=3)`` for the cheaper phantom gradient).
 
     Attributes:
         stats: :class:`~implicit_layers.LayerStats` of the latest forward, backward and tangent
