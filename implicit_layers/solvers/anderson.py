@@ -85,6 +85,7 @@ class Anderson(RootSolver):
             raise ValueError(f"damping must lie in (0, 1], got {damping}")
         self.m, self.regularization, self.damping = int(m), regularization, damping
 
+    @torch.no_grad()  # a forward solver runs outside autograd (the history is updated in place)
     def solve(self, problem: RootProblem, y0: Tensor) -> SolveResult:
         flat, beta = FlatProblem(problem, y0), self.damping
         y = flat.y0_flat
@@ -159,9 +160,9 @@ class _History:
         if not _solve_on_host(self.gram):
             gamma, ok = _mixing_coefficients(self.gram, self.rhs, self.count, self.eye, self.lam)
             return gamma.to(self.D.dtype), ~ok
-        count = self.count.numpy() if isinstance(self.count, Tensor) else self.count
-        gamma, ok = _mixing_coefficients(self.gram.numpy(), self.rhs.numpy(), count,
-                                         self.eye.numpy(), self.lam)
+        count = self.count.detach().numpy() if isinstance(self.count, Tensor) else self.count
+        gamma, ok = _mixing_coefficients(self.gram.detach().numpy(), self.rhs.detach().numpy(),
+                                         count, self.eye.numpy(), self.lam)
         broken = None if ok.all() else torch.from_numpy(~ok)
         return torch.from_numpy(gamma).to(self.D.dtype), broken
 
