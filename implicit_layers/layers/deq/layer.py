@@ -74,10 +74,11 @@ class DEQLayer(ImplicitLayer):
         init: ``x ↦ z0`` used when ``forward`` gets no ``z0`` (default: zeros shaped like
             ``x``, or like ``x[0]`` for a tuple; pass ``z0`` or ``init`` when ``z`` is shaped
             differently).
-        warn_residual: when grad is required and some sample's relative residual
-            ``‖cell(x, z) − z‖ / ‖z‖`` at the returned point exceeds this, a
-            ``ConvergenceWarning`` says the implicit gradient is inaccurate (None disables;
-            skipped inside ``torch.func`` transforms).
+        warn_residual: when grad is required and some sample's residual
+            ``‖cell(x, z) − z‖`` at the returned point exceeds ``tol + warn_residual · ‖z‖``
+            (``tol``: the solver's absolute tolerance), a ``ConvergenceWarning`` says the
+            implicit gradient is inaccurate (None disables; skipped inside ``torch.func``
+            transforms).
         trajectory_adjoint: the adjoint of the intermediate states returned by
             ``forward(x, trajectory=k)`` (default: ``adjoint``, the implicit gradient at each
             state; e.g. ``PhantomAdjoint(k=3)`` for the cheaper phantom gradient).
@@ -156,7 +157,8 @@ class DEQLayer(ImplicitLayer):
         if (self.warn_residual is not None and z.requires_grad and self.stats.forward is not None
                 and not torch._C._functorch.is_functorch_wrapped_tensor(z)):
             warn_off_equilibrium(self.stats.forward.residual, z, self.warn_residual,
-                                 self.event_ndim, where=type(self).__name__)
+                                 self.event_ndim, where=type(self).__name__,
+                                 atol=self._absolute_tolerance(z.dtype))
         if trajectory is None:
             return z
         last = int(self.stats.forward.iterations.max()) if z.numel() else 0
@@ -164,6 +166,10 @@ class DEQLayer(ImplicitLayer):
         self.stats.forward.extra["trajectory"] = [*iterations, last]
         at_point = self._sibling(GivenPoint(), self.trajectory_adjoint)
         return [at_point(x, state) for state in states] + [z]
+
+    def _absolute_tolerance(self, dtype: torch.dtype) -> float:
+        tolerances = getattr(self.solver, "tolerances", None)
+        return tolerances(dtype)[0] if tolerances is not None else 0.0
 
     def _sibling(self, solver: RootSolver, adjoint: Adjoint) -> ImplicitLayer:
         """A generic layer on the same cell with another solver and adjoint (not registered
