@@ -14,7 +14,8 @@ data:
 * ``ours``: ``il.DEQLayer`` with Anderson forward (``rtol``) and the implicit backward
   (``FixedPointAdjoint(Anderson)`` with ``backward_rtol``);
 * ``torchdeq``: ``get_deq(core="indexing", ift=True)`` with Anderson forward (λ = 1e-8) and
-  backward at the same relative tolerances (torchdeq's ``stop_mode="rel"``);
+  backward at the same relative tolerances (torchdeq's ``stop_mode="rel"``); the two are timed
+  in interleaved rounds;
 * ``unrolled``: backprop through ``N`` Picard steps (memory only).
 
 Reported: cell evaluations in the forward (``fwd_evals``, counted inside the cell), VJPs
@@ -44,7 +45,6 @@ from experiments.bench.harness import (
     ratio,
     saved_tensor_bytes,
     steady_malloc,
-    timeit,
 )
 
 MB = 2.0**20
@@ -137,8 +137,20 @@ def _counted(cell, fn):
     return out
 
 
-def _measure(name, run, cell, x, weights, ref, cfg, device, layer=None) -> dict:
-    """One method's row: counts, times, memory and gradient accuracy."""
+def _time_interleaved(what: dict, methods: list, rounds: int, device) -> None:
+    """Median wall times of ``what[key](run)()`` for each ``(row, run)`` of ``methods``, in
+    interleaved rounds (every round times every method once), written into the rows."""
+    for key, make in what.items():
+        times = [[] for _ in methods]
+        for _ in range(rounds):
+            for (_, run), out in zip(methods, times):
+                out.append(_wall_time(make(run), device))
+        for (row, _), out in zip(methods, times):
+            row[key] = 1e3 * statistics.median(out)
+
+
+def _measure(name, run, cell, x, weights, ref, device, layer=None) -> dict:
+    """One method's row: counts, memory and gradient accuracy."""
     xg = x.detach().clone().requires_grad_()
     fixed = (cell.W, cell.U, xg)
     z = _counted(cell, lambda: run(xg))
@@ -155,9 +167,6 @@ def _measure(name, run, cell, x, weights, ref, cfg, device, layer=None) -> dict:
     flat = torch.cat([(g.double() - r).flatten() for g, r in zip(grads, ref)])
     row = {
         "method": name, "fwd_evals": evals, "bwd_vjps": cell.counter.vjps,
-        "fwd_ms": 1e3 * timeit(lambda: run(xg), repeat=cfg.repeat, device=device),
-        "fwd_bwd_ms": 1e3 * timeit(lambda: _grads(run, cell, x, weights), repeat=cfg.repeat,
-                                   device=device),
         "saved_MB": saved_tensor_bytes(lambda: run(xg)) / MB,
         "act_MB": _activation_bytes(lambda: run(xg), fixed) / MB,
         "grad_cos": _cosine(grads, ref),
@@ -202,15 +211,23 @@ def _case(cfg, rho: float, device, dtype) -> list[dict]:
                             adjoint=il.FixedPointAdjoint(anderson(1e-12, 1e-12)))
     ref = _grads(lambda xx: ref_layer(xx, z0.double()), ref_cell, x.double(), weights.double())
 
-    ours = _measure("ours", lambda xx: layer(xx, z0), cell, x, weights, ref, cfg, device, layer)
     best = {"lam": cfg.torchdeq_best_lam}
-    theirs = _measure("torchdeq", lambda xx: tdeq(lambda z: cell(xx, z), z0,
-                                                  solver_kwargs=best)[0][-1],
-                      cell, x, weights, ref, cfg, device)
+
+    def run_ours(xx):
+        return layer(xx, z0)
+
+    def run_theirs(xx):
+        return tdeq(lambda z: cell(xx, z), z0, solver_kwargs=best)[0][-1]
+
+    ours = _measure("ours", run_ours, cell, x, weights, ref, device, layer)
+    theirs = _measure("torchdeq", run_theirs, cell, x, weights, ref, device)
+    xg = x.detach().clone().requires_grad_()
+    _time_interleaved({"fwd_ms": lambda run: (lambda: run(xg)),
+                       "fwd_bwd_ms": lambda run: (lambda: _grads(run, cell, x, weights))},
+                      [(ours, run_ours), (theirs, run_theirs)], cfg.rounds, device)
     for key in ("fwd_evals", "bwd_vjps", "fwd_ms", "fwd_bwd_ms", "act_MB"):
         ours[f"{key}_ratio"] = ratio(ours[key], theirs[key])
     rows = [ours, theirs]
-    xg = x.detach().clone().requires_grad_()
     for n in cfg.unroll_iters:
         act = _activation_bytes(lambda n=n: unrolled(xg, n), (cell.W, cell.U, xg)) / MB
         saved = saved_tensor_bytes(lambda n=n: unrolled(xg, n)) / MB
