@@ -110,7 +110,7 @@ class Anderson(RootSolver):
                     restarts += broken if active is None else broken & active.squeeze(-1)
             y_new = where_active(active, step, y)
             g = flat.g(y_new)
-            f_new = g - y_new
+            f_new = history.residual(g, y_new)
             base_new = g if beta == 1.0 else torch.add(y_new, f_new, alpha=beta)
             history.push(f_new, f, base_new, base, reset=broken)
             y, f, base = y_new, f_new, base_new
@@ -148,6 +148,9 @@ class _History:
         self.eye = torch.eye(m, dtype=torch.float64, device=device)
         self.valid: Tensor | None = None  # 1.0 / 0.0 per column, once a sample restarted
         self.count: Tensor | float = 1.0  # valid columns per sample
+        # two alternating (B, 2, n) work buffers holding [scaled Δf, f] of the newest step:
+        # one batched product with ΔF gives the new Gram row and the next right-hand side
+        self.work = torch.empty(2, B, 2, n, dtype=dtype, device=device)
         self.m, self.lam, self.pushed = m, lam, 0
 
     @property
@@ -170,11 +173,19 @@ class _History:
         """``base − Σ_i γ_i D_i`` per sample, shape (B, n)."""
         return torch.baddbmm(base.unsqueeze(1), gamma.unsqueeze(1), self.D, alpha=-1).squeeze(1)
 
+    def residual(self, g: Tensor, y: Tensor) -> Tensor:
+        """``f = g − y``, written where :meth:`push` reads it next."""
+        return torch.sub(g, y, out=self.work[self.pushed % 2, :, 1])
+
     def push(self, f: Tensor, f_old: Tensor, base: Tensor, base_old: Tensor,
              reset: Tensor | None) -> None:
         """Store the newest differences ``Δf = f − f_old`` and ``Δy + β Δf = base − base_old``
         (``base = y + β f``), and update the Gram matrix and the right-hand side for the
-        newest residual ``f``; samples in ``reset`` drop their older columns."""
+        newest residual ``f`` (from :meth:`residual`); samples in ``reset`` drop their older
+        columns."""
+        work = self.work[self.pushed % 2]
+        if f.data_ptr() != work[:, 1].data_ptr():  # f did not come from residual()
+            work[:, 1] = f
         slot = self.pushed % self.m
         self.pushed += 1
         if reset is not None:
@@ -188,11 +199,11 @@ class _History:
         else:
             self.valid[:, slot] = 1.0
             self.count = self.valid.sum(-1, keepdim=True)
-        df = torch.sub(f, f_old, out=self.dF[:, slot]).mul_(self.unit)
+        self.dF[:, slot] = torch.sub(f, f_old, out=work[:, 0]).mul_(self.unit)
         torch.sub(base, base_old, out=self.D[:, slot])
         # ⟨ΔF_i, Δf⟩ (new row and column) and ⟨ΔF_i, f⟩ (next right-hand side) in one product;
         # columns never filled are zero, those a restart dropped are masked
-        prods = torch.bmm(torch.stack((df, f), 1), self.dF.mT)
+        prods = torch.bmm(work, self.dF.mT)
         if self.valid is not None:
             prods = prods * self.valid.unsqueeze(1)
         self.gram[:, slot, :] = prods[:, 0]
