@@ -112,6 +112,8 @@ def test_trajectory_stats_and_bad_argument():
     assert deq.stats.forward.all_converged and deq.stats.forward.solver == "Anderson"
     with pytest.raises(ValueError, match="trajectory"):
         deq(x, trajectory=0)
+    with pytest.raises(ValueError, match="torch.func"):
+        torch.func.vmap(lambda xx: deq(xx, trajectory=2)[0])(x.unsqueeze(0))
 
 
 def test_warm_start_from_the_previous_equilibrium():

@@ -150,6 +150,11 @@ class DEQLayer(ImplicitLayer):
         if trajectory is None:
             z = super().forward(x, z0)
         else:
+            if any(torch._C._functorch.is_functorch_wrapped_tensor(t)
+                   for t in (x if isinstance(x, (tuple, list)) else (x,))):
+                raise ValueError("trajectory= is not supported inside torch.func transforms "
+                                 "(vmap, grad, jacrev, ...): the states are recorded from the "
+                                 "solver, which runs on the unwrapped batch")
             recorder = TrajectoryRecorder(trajectory)
             solve = self._sibling(Recording(self.solver, recorder), self.adjoint)
             z = solve(x, z0)
