@@ -36,7 +36,8 @@ def test_warm_started_training_step_solves_from_the_previous_equilibrium():
 @pytest.mark.parametrize("options", [["model.warm_start=true"], ["model.correction=3"]])
 @needs_layer("deq_digits")
 def test_options_train_and_log_evaluations_and_spectral_radius(options, tmp_path):
-    run(tmp_path, "experiment=deq_digits", "trainer.max_epochs=2", "data.batch_size=256",
+    run(tmp_path, "experiment=deq_digits", "trainer.max_epochs=2", "data.batch_size=128",
+        "trainer.limit_train_batches=2", "test=false",
         *options)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     evals = [float(r["train_forward_evaluations"]) for r in rows
