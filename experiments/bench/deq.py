@@ -1,11 +1,21 @@
 """DEQ benchmark: ``z = tanh(ρ W z + U x)`` against torchdeq and against unrolled backprop.
 
-For each ρ, one process runs, on the same cell and data:
+**Forward solver** (``table = "solver"``): our ``il.Anderson`` against torchdeq's
+``anderson_solver`` at its best regularization (λ = 1e-8) and at its default (λ = 1e-4), same
+memory, relative tolerance and stopping rule (``‖g(z) − z‖ ≤ rtol ‖·‖``), no autograd, at
+each ρ and over the (B, d) sizes of ``scaling`` at ``scaling_rho``. The methods run in
+interleaved rounds in one process; reported: cell evaluations (counted in the cell), the
+median wall time, ours / theirs, and the final relative residual ``max ‖g(z) − z‖ / ‖z‖``
+measured the same way for every method.
+
+**Layers** (``table = "layer"``, when ``layers`` is true): for each ρ, on the same cell and
+data:
 
 * ``ours``: ``il.DEQLayer`` with Anderson forward (``rtol``) and the implicit backward
   (``FixedPointAdjoint(Anderson)`` with ``backward_rtol``);
-* ``torchdeq``: ``get_deq(core="indexing", ift=True)`` with Anderson forward and backward at the
-  same relative tolerances (torchdeq's ``stop_mode="rel"``);
+* ``torchdeq``: ``get_deq(core="indexing", ift=True)`` with Anderson forward (λ = 1e-8) and
+  backward at the same relative tolerances (torchdeq's ``stop_mode="rel"``); the two are timed
+  in interleaved rounds;
 * ``unrolled``: backprop through ``N`` Picard steps (memory only).
 
 Reported: cell evaluations in the forward (``fwd_evals``, counted inside the cell), VJPs
@@ -21,12 +31,21 @@ cell is a ``ρ``-contraction.
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import nn
 from torchdeq import get_deq
+from torchdeq.solver.anderson import anderson_solver
 
 import implicit_layers as il
-from experiments.bench.harness import cuda_peak_bytes, ratio, saved_tensor_bytes, timeit
+from experiments.bench.harness import (
+    cuda_peak_bytes,
+    ratio,
+    saved_tensor_bytes,
+    steady_malloc,
+)
 
 MB = 2.0**20
 
@@ -118,8 +137,20 @@ def _counted(cell, fn):
     return out
 
 
-def _measure(name, run, cell, x, weights, ref, cfg, device, layer=None) -> dict:
-    """One method's row: counts, times, memory and gradient accuracy."""
+def _time_interleaved(what: dict, methods: list, rounds: int, device) -> None:
+    """Median wall times of ``what[key](run)()`` for each ``(row, run)`` of ``methods``, in
+    interleaved rounds (every round times every method once), written into the rows."""
+    for key, make in what.items():
+        times = [[] for _ in methods]
+        for _ in range(rounds):
+            for (_, run), out in zip(methods, times):
+                out.append(_wall_time(make(run), device))
+        for (row, _), out in zip(methods, times):
+            row[key] = 1e3 * statistics.median(out)
+
+
+def _measure(name, run, cell, x, weights, ref, device, layer=None) -> dict:
+    """One method's row: counts, memory and gradient accuracy."""
     xg = x.detach().clone().requires_grad_()
     fixed = (cell.W, cell.U, xg)
     z = _counted(cell, lambda: run(xg))
@@ -136,9 +167,6 @@ def _measure(name, run, cell, x, weights, ref, cfg, device, layer=None) -> dict:
     flat = torch.cat([(g.double() - r).flatten() for g, r in zip(grads, ref)])
     row = {
         "method": name, "fwd_evals": evals, "bwd_vjps": cell.counter.vjps,
-        "fwd_ms": 1e3 * timeit(lambda: run(xg), repeat=cfg.repeat, device=device),
-        "fwd_bwd_ms": 1e3 * timeit(lambda: _grads(run, cell, x, weights), repeat=cfg.repeat,
-                                   device=device),
         "saved_MB": saved_tensor_bytes(lambda: run(xg)) / MB,
         "act_MB": _activation_bytes(lambda: run(xg), fixed) / MB,
         "grad_cos": _cosine(grads, ref),
@@ -183,13 +211,23 @@ def _case(cfg, rho: float, device, dtype) -> list[dict]:
                             adjoint=il.FixedPointAdjoint(anderson(1e-12, 1e-12)))
     ref = _grads(lambda xx: ref_layer(xx, z0.double()), ref_cell, x.double(), weights.double())
 
-    ours = _measure("ours", lambda xx: layer(xx, z0), cell, x, weights, ref, cfg, device, layer)
-    theirs = _measure("torchdeq", lambda xx: tdeq(lambda z: cell(xx, z), z0)[0][-1],
-                      cell, x, weights, ref, cfg, device)
+    best = {"lam": cfg.torchdeq_best_lam}
+
+    def run_ours(xx):
+        return layer(xx, z0)
+
+    def run_theirs(xx):
+        return tdeq(lambda z: cell(xx, z), z0, solver_kwargs=best)[0][-1]
+
+    ours = _measure("ours", run_ours, cell, x, weights, ref, device, layer)
+    theirs = _measure("torchdeq", run_theirs, cell, x, weights, ref, device)
+    xg = x.detach().clone().requires_grad_()
+    _time_interleaved({"fwd_ms": lambda run: (lambda: run(xg)),
+                       "fwd_bwd_ms": lambda run: (lambda: _grads(run, cell, x, weights))},
+                      [(ours, run_ours), (theirs, run_theirs)], cfg.rounds, device)
     for key in ("fwd_evals", "bwd_vjps", "fwd_ms", "fwd_bwd_ms", "act_MB"):
         ours[f"{key}_ratio"] = ratio(ours[key], theirs[key])
     rows = [ours, theirs]
-    xg = x.detach().clone().requires_grad_()
     for n in cfg.unroll_iters:
         act = _activation_bytes(lambda n=n: unrolled(xg, n), (cell.W, cell.U, xg)) / MB
         saved = saved_tensor_bytes(lambda n=n: unrolled(xg, n)) / MB
@@ -201,13 +239,76 @@ def _case(cfg, rho: float, device, dtype) -> list[dict]:
             row["cuda_peak_MB"] = peak / MB
             row["cuda_peak_ratio"] = ratio(ours.get("cuda_peak_MB"), row["cuda_peak_MB"])
         rows.append(row)
-    return [{"case": f"rho={rho}", **r} for r in rows]
+    return [{"table": "layer", "case": f"rho={rho}", **r} for r in rows]
+
+
+def _solver_case(cfg, B: int, d: int, rho: float, device, dtype) -> list[dict]:
+    """Forward solves only: ours and torchdeq's ``anderson_solver`` (best λ, default λ)."""
+    cell = TanhCell(d, rho, cfg.seed, dtype, device)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    x = (cfg.x_scale * torch.randn(B, d, generator=gen, dtype=torch.float64)).to(dtype=dtype,
+                                                                                  device=device)
+    z0 = torch.zeros(B, d, dtype=dtype, device=device)
+    counter = Counter()
+
+    def g(z):
+        counter.evals += 1
+        return cell(x, z)
+
+    solver = il.Anderson(m=cfg.memory, tol=0.0, rtol=cfg.rtol, max_iter=cfg.max_iter)
+    problem = il.RootProblem(lambda z: g(z) - z, fixed_point_map=g)
+
+    def torchdeq(lam):
+        return lambda: anderson_solver(g, z0, max_iter=cfg.max_iter, tol=cfg.rtol,
+                                       stop_mode="rel", m=cfg.memory, lam=lam)[0]
+
+    methods = {"ours": lambda: solver.solve(problem, z0).y,
+               f"torchdeq lam={cfg.torchdeq_best_lam:g}": torchdeq(cfg.torchdeq_best_lam),
+               f"torchdeq lam={cfg.torchdeq_default_lam:g} (default)":
+                   torchdeq(cfg.torchdeq_default_lam)}
+    rows = {}
+    with torch.no_grad():
+        for name, run in methods.items():
+            counter.evals = 0
+            z = run()
+            res = (cell(x, z) - z).double().norm(dim=-1) / z.double().norm(dim=-1)
+            rows[name] = {"evals": counter.evals, "residual": float(res.max()), "times": []}
+        for _ in range(cfg.rounds):  # interleaved: every round runs every method once
+            for name, run in methods.items():
+                rows[name]["times"].append(_wall_time(run, device))
+    out = []
+    ours = statistics.median(rows["ours"]["times"])
+    for name, row in rows.items():
+        ms = 1e3 * statistics.median(row.pop("times"))
+        out.append({"table": "solver", "case": f"B={B} d={d} rho={rho}", "method": name, **row,
+                    "ms": ms, "ours/this ms": ratio(1e3 * ours, ms),
+                    "ours/this evals": ratio(rows["ours"]["evals"], row["evals"])})
+    return out
+
+
+def _wall_time(run, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main(cfg) -> list[dict]:
     device = torch.device(cfg.device if torch.cuda.is_available() or cfg.device == "cpu" else "cpu")
     dtype = getattr(torch, cfg.dtype)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    steady_malloc()
     rows: list[dict] = []
-    for rho in cfg.rhos:
-        rows += _case(cfg, rho, device, dtype)
+    sizes = [(cfg.batch, cfg.dim, rho) for rho in cfg.rhos]
+    sizes += [(B, d, cfg.scaling_rho) for B, d in cfg.scaling
+              if (B, d, cfg.scaling_rho) not in sizes]
+    for B, d, rho in sizes:
+        rows += _solver_case(cfg, B, d, rho, device, dtype)
+    if cfg.layers:
+        for rho in cfg.rhos:
+            rows += _case(cfg, rho, device, dtype)
     return rows

@@ -7,13 +7,14 @@ from torch import Tensor
 
 from implicit_layers.linalg.dense import LU
 from implicit_layers.solvers.base import (
+    FlatProblem,
     IterationLog,
     RootProblem,
     RootSolver,
     SolveResult,
     where_active,
+    wide_norm,
 )
-from implicit_layers.stats import check_finite_iterate
 
 
 def _bdot(a: Tensor, b: Tensor) -> Tensor:
@@ -50,18 +51,20 @@ class Broyden(RootSolver):
         super().__init__(tol, rtol, max_iter)
         if init not in ("auto", "jacobian", "identity"):
             raise ValueError(f"init must be 'auto', 'jacobian' or 'identity', got {init!r}")
-        if memory < 1:
-            raise ValueError(f"memory must be >= 1, got {memory}")
-        self.memory, self.init = memory, init
+        if isinstance(memory, bool) or int(memory) != memory or memory < 1:
+            raise ValueError(f"memory must be a positive integer, got {memory!r}")
+        self.memory, self.init = int(memory), init
 
     def solve(self, problem: RootProblem, y0) -> SolveResult:
-        e = problem.event_ndim
-        y, fy = y0, problem.residual(y0)
-        log = IterationLog(self, problem, y, fy)
-        B, n = problem.flatten(y).shape
+        flat = FlatProblem(problem, y0)
+        B, n = flat.B, flat.n
+        y = flat.y0_flat
+        f = flat.f(y)
+        log = IterationLog(self, flat, y, f)
+        if log.finished:
+            return SolveResult(flat.result(y), log.stats())
         use_jac = self.init == "jacobian" or (self.init == "auto" and n <= 256)
-        H0 = LU().factor(problem.jacobian(y).reshape(B, n, n), what="the Jacobian at y0") \
-            if use_jac else None
+        H0 = LU().factor(flat.jacobian(y), what="the Jacobian at y0") if use_jac else None
         U = y.new_zeros(B, n, 0)
         V = y.new_zeros(B, n, 0)
 
@@ -70,28 +73,28 @@ class Broyden(RootSolver):
             A, C = (V, U) if transpose else (U, V)
             return h0 + (A @ (C.mT @ v.unsqueeze(-1))).squeeze(-1)
 
-        for k in range(self.max_iter):
-            active = log.active
-            if not bool(active.any()):
+        for k in range(1, self.max_iter + 1):
+            if log.finished:
                 break
-            f_flat = problem.flatten(fy)
-            s = -apply_H(f_flat) * active.reshape(B, 1)
-            y_new = y + s.reshape(y.shape)
-            check_finite_iterate(y_new, self.name, k + 1)
-            f_new = problem.residual(y_new)
-            dy = s
-            df = problem.flatten(f_new) - f_flat
-            # good Broyden: H ← H + (Δy − H Δf) (Δyᵀ H) / (Δyᵀ H Δf)
+            active = log.active
+            s = where_active(active, -apply_H(f), 0.0)
+            y_new = y + s
+            f_new = flat.f(y_new)
+            df = f_new - f
+            # good Broyden: H ← H + (Δy − H Δf) (Δyᵀ H) / (Δyᵀ H Δf), skipped when the
+            # denominator is negligible against ‖Δy‖ ‖H Δf‖ (norms scaled: no overflow)
             H_df = apply_H(df)
-            denom = _bdot(dy, H_df)
-            ok = (denom.abs() > torch.finfo(y.dtype).eps * dy.norm(dim=-1) * H_df.norm(dim=-1)) \
-                & active.reshape(B)
+            denom = _bdot(s, H_df)
+            size = wide_norm(s) * wide_norm(H_df)
+            ok = (denom.abs() > torch.finfo(y.dtype).eps * size) & torch.isfinite(denom)
+            if active is not None:
+                ok &= active.squeeze(-1)
             scale = torch.where(ok, 1 / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-            u = (dy - H_df) * scale[:, None]
-            v = apply_H(dy, transpose=True)
-            U = torch.cat([U, u[..., None]], -1)[..., -self.memory :]
-            V = torch.cat([V, v[..., None]], -1)[..., -self.memory :]
-            y = where_active(active, y_new, y, e)
-            fy = where_active(active, f_new, fy, e)
-            log.update(y, fy, active)
-        return SolveResult(y, log.stats())
+            u = (s - H_df) * scale.unsqueeze(-1)
+            v = apply_H(s, transpose=True)
+            U = torch.cat([U, u.unsqueeze(-1)], -1)[..., -self.memory:]
+            V = torch.cat([V, v.unsqueeze(-1)], -1)[..., -self.memory:]
+            y, f = where_active(active, y_new, y), where_active(active, f_new, f)
+            log.update(y, f, active, k)
+            flat.observe(k, y)
+        return SolveResult(flat.result(y), log.stats())

@@ -6,13 +6,14 @@ import torch
 
 from implicit_layers.linalg.dense import LU
 from implicit_layers.solvers.base import (
+    FlatProblem,
     IterationLog,
     RootProblem,
     RootSolver,
     SolveResult,
     where_active,
+    wide_norm,
 )
-from implicit_layers.stats import check_finite_iterate
 
 
 class Newton(RootSolver):
@@ -25,7 +26,7 @@ class Newton(RootSolver):
     Args:
         tol, rtol, max_iter: see :class:`RootSolver` (``max_iter`` default 50).
         max_backtracks: step halvings per iteration before the full step is taken anyway.
-        armijo: sufficient-decrease constant ``c``.
+        armijo: sufficient-decrease constant ``c`` in ``(0, 1/2)``.
 
     Raises:
         SingularSystemError: the Jacobian is singular at an iterate.
@@ -43,46 +44,52 @@ class Newton(RootSolver):
     def __init__(self, tol=None, rtol=None, max_iter=None, max_backtracks: int = 10,
                  armijo: float = 1e-4):
         super().__init__(tol, rtol, max_iter)
-        self.max_backtracks, self.armijo = max_backtracks, armijo
+        if isinstance(max_backtracks, bool) or int(max_backtracks) != max_backtracks \
+                or max_backtracks < 0:
+            raise ValueError(f"max_backtracks must be an integer >= 0, got {max_backtracks!r}")
+        if not 0.0 < armijo < 0.5:
+            raise ValueError(f"armijo must lie in (0, 0.5), got {armijo!r}")
+        self.max_backtracks, self.armijo = int(max_backtracks), armijo
         self._lu = LU()
 
     def solve(self, problem: RootProblem, y0) -> SolveResult:
-        y, fy = y0, problem.residual(y0)
-        log = IterationLog(self, problem, y, fy)
-        e = problem.event_ndim
-        for k in range(self.max_iter):
-            active = log.active
-            if not bool(active.any()):
+        flat = FlatProblem(problem, y0)
+        y = flat.y0_flat
+        f = flat.f(y)
+        log = IterationLog(self, flat, y, f)
+        for k in range(1, self.max_iter + 1):
+            if log.finished:
                 break
-            J = problem.jacobian(y)
-            fac = self._lu.factor(J, what=f"the Newton Jacobian at iteration {k + 1}")
-            step = -fac.solve(problem.flatten(fy).reshape(*J.shape[:-1])).reshape(y.shape)
-            y_new, f_new, evals = self._backtrack(problem, y, fy, step)
-            check_finite_iterate(y_new, self.name, k + 1)
-            y = where_active(active, y_new, y, e)
-            fy = where_active(active, f_new, fy, e)
-            log.update(y, fy, active, evaluations=evals + problem.flatten(y).shape[1])
-        return SolveResult(y, log.stats())
+            active = log.active
+            fac = self._lu.factor(flat.jacobian(y), what=f"the Newton Jacobian at iteration {k}")
+            y_new, f_new, evals = self._backtrack(flat, y, f, -fac.solve(f), log.res)
+            y, f = where_active(active, y_new, y), where_active(active, f_new, f)
+            log.update(y, f, active, k, evaluations=evals + flat.n)
+            flat.observe(k, y)
+        return SolveResult(flat.result(y), log.stats())
 
-    def _backtrack(self, problem, y, fy, step):
-        """Per-sample step sizes t ∈ {1, ½, ¼, …} with ‖f(y + t·step)‖² ≤ (1 − 2ct)‖f(y)‖²."""
-        e = problem.event_ndim
-        merit = problem.norm(fy) ** 2
-        t = torch.ones_like(merit)
-        accepted = torch.zeros_like(merit, dtype=torch.bool)
-        y_best, f_best = y, fy
+    def _backtrack(self, flat: FlatProblem, y, f, step, res):
+        """Per-sample step sizes t ∈ {1, ½, ¼, …} with ‖f(y + t·step)‖² ≤ (1 − 2ct)‖f(y)‖².
+
+        Every trial is evaluated for the whole batch; the first acceptable trial of each sample
+        is kept."""
+        t = torch.ones_like(res, dtype=y.dtype)
+        accepted = torch.zeros_like(res, dtype=torch.bool)
+        y_best, f_best = y, f
         evals = 0
         for _ in range(self.max_backtracks + 1):
-            shape = (*t.shape, *([1] * e))
-            y_try = y + t.reshape(shape) * step
-            f_try = problem.residual(y_try)
+            y_try = y + t.unsqueeze(-1) * step
+            f_try = flat.f(y_try)
             evals += 1
-            ok = ~accepted & (problem.norm(f_try) ** 2 <= (1 - 2 * self.armijo * t) * merit)
-            y_best = where_active(ok, y_try, y_best, e)
-            f_best = where_active(ok, f_try, f_best, e)
+            # ratio form: (‖f_try‖ / ‖f‖)² ≤ 1 − 2ct cannot overflow
+            ratio = wide_norm(f_try) / res.clamp_min(torch.finfo(res.dtype).tiny)
+            ok = ~accepted & (ratio * ratio <= 1 - 2 * self.armijo * t)
+            y_best = torch.where(ok.unsqueeze(-1), y_try, y_best)
+            f_best = torch.where(ok.unsqueeze(-1), f_try, f_best)
             accepted = accepted | ok
             if bool(accepted.all()):
                 return y_best, f_best, evals
             t = torch.where(accepted, t, t / 2)
         # no sufficient decrease for some samples: keep their shortest trial step
-        return where_active(accepted, y_best, y_try, e), where_active(accepted, f_best, f_try, e), evals
+        keep = accepted.unsqueeze(-1)
+        return torch.where(keep, y_best, y_try), torch.where(keep, f_best, f_try), evals

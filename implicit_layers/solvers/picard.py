@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from implicit_layers.solvers.base import (
+    FlatProblem,
     IterationLog,
     RootProblem,
     RootSolver,
     SolveResult,
     where_active,
 )
-from implicit_layers.stats import check_finite_iterate
 
 
 class Picard(RootSolver):
@@ -36,16 +36,16 @@ class Picard(RootSolver):
         self.damping = damping
 
     def solve(self, problem: RootProblem, y0) -> SolveResult:
-        y = y0
-        gy = problem.g(y)
-        log = IterationLog(self, problem, y, gy - y)
-        for k in range(self.max_iter):
-            active = log.active
-            if not bool(active.any()):
+        flat = FlatProblem(problem, y0)
+        y = flat.y0_flat
+        f = flat.g(y) - y
+        log = IterationLog(self, flat, y, f)
+        for k in range(1, self.max_iter + 1):
+            if log.finished:
                 break
-            y_new = y + self.damping * (gy - y)
-            check_finite_iterate(y_new, self.name, k + 1)
-            y = where_active(active, y_new, y, problem.event_ndim)
-            gy = problem.g(y)
-            log.update(y, gy - y, active)
-        return SolveResult(y, log.stats())
+            active = log.active
+            y = where_active(active, y + self.damping * f, y)
+            f = flat.g(y) - y
+            log.update(y, f, active, k)
+            flat.observe(k, y)
+        return SolveResult(flat.result(y), log.stats())

@@ -82,6 +82,21 @@ def test_off_equilibrium_warning():
         assert not warn_off_equilibrium(torch.tensor([1e-5, 0.0], dtype=D64), z, threshold=1e-3)
 
 
+def test_no_warning_at_a_converged_equilibrium_at_zero():
+    """z = θ ⊙ z has the fixed point 0; the solve stops at a tiny z whose relative residual is
+    large (0.8) but whose residual meets the absolute tolerance: no warning (issue 13)."""
+    theta = torch.tensor([0.05, 0.2], dtype=D64)
+    x = torch.ones(3, 2, dtype=D64, requires_grad=True)
+    deq = il.DEQLayer(lambda x, z: theta * z + 0 * x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = deq(x, torch.ones(3, 2, dtype=D64))
+    assert float(z.detach().abs().max()) < 1e-10
+    with pytest.warns(il.ConvergenceWarning, match="1 of 2"):
+        warn_off_equilibrium(torch.tensor([1e-3, 1e-13], dtype=D64), torch.zeros(2, 2),
+                             threshold=1e-3, atol=1e-12)
+
+
 def test_bad_arguments():
     f = lambda z: 0.5 * z  # noqa: E731
     with pytest.raises(ValueError, match="samples"):

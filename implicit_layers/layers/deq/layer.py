@@ -15,6 +15,11 @@ The default adjoint iterates the adjoint fixed point with Anderson
 :class:`~implicit_layers.PhantomAdjoint` / :class:`~implicit_layers.JacobianFreeAdjoint`.
 Only ``z*`` and the inputs are saved for backward: memory does not grow with the number of
 forward iterations. Double backward, ``torch.func.jvp``/``jacfwd``/``vmap`` come from the core.
+
+Training aids: ``forward(x, z0)`` warm-starts the solve (pass a sample's previous equilibrium;
+the solve stops at once if it still meets the tolerance), and ``forward(x, trajectory=k)``
+returns ``k`` states of the solve for fixed-point correction (see
+:mod:`~implicit_layers.layers.deq.trajectory`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from implicit_layers.layers.deq.stability import (
     spectral_radius,
     warn_off_equilibrium,
 )
+from implicit_layers.layers.deq.trajectory import GivenPoint, Recording, TrajectoryRecorder
 from implicit_layers.solvers.anderson import Anderson
 from implicit_layers.solvers.base import RootSolver
 
@@ -41,7 +47,11 @@ def _fixed_point_residual(cell: Callable, x, z: Tensor) -> Tensor:
     """``f(x, z) = cell(x, z) − z``. Bound with ``functools.partial`` rather than a lambda so
     that ``copy.deepcopy`` and pickling carry the residual over to the copied cell; not a
     module, so the cell's parameters are registered once (under the fixed-point map)."""
-    return cell(x, z) - z
+    out = cell(x, z)
+    if out.shape != z.shape:
+        raise ValueError(f"the cell returned shape {tuple(out.shape)}, expected z's shape "
+                         f"{tuple(z.shape)}")
+    return out - z
 
 
 def _zeros_like_x(x) -> Tensor:
@@ -65,10 +75,14 @@ class DEQLayer(ImplicitLayer):
         init: ``x ↦ z0`` used when ``forward`` gets no ``z0`` (default: zeros shaped like
             ``x``, or like ``x[0]`` for a tuple; pass ``z0`` or ``init`` when ``z`` is shaped
             differently).
-        warn_residual: when grad is required and some sample's relative residual
-            ``‖cell(x, z) − z‖ / ‖z‖`` at the returned point exceeds this, a
-            ``ConvergenceWarning`` says the implicit gradient is inaccurate (None disables;
-            skipped inside ``torch.func`` transforms).
+        warn_residual: when grad is required and some sample's residual
+            ``‖cell(x, z) − z‖`` at the returned point exceeds ``tol + warn_residual · ‖z‖``
+            (``tol``: the solver's absolute tolerance), a ``ConvergenceWarning`` says the
+            implicit gradient is inaccurate (None disables; skipped inside ``torch.func``
+            transforms).
+        trajectory_adjoint: the adjoint of the intermediate states returned by
+            ``forward(x, trajectory=k)`` (default: ``adjoint``, the implicit gradient at each
+            state; e.g. ``PhantomAdjoint(k=3)`` for the cheaper phantom gradient).
 
     Attributes:
         stats: :class:`~implicit_layers.LayerStats` of the latest forward, backward and tangent
@@ -100,7 +114,7 @@ class DEQLayer(ImplicitLayer):
     def __init__(self, cell: Callable, solver: RootSolver | None = None,
                  adjoint: Adjoint | None = None, *, event_ndim: int = 1,
                  on_failure: str = "raise", init: Callable | None = None,
-                 warn_residual: float | None = 1e-3):
+                 warn_residual: float | None = 1e-3, trajectory_adjoint: Adjoint | None = None):
         if not callable(cell):
             raise ValueError("cell must be callable (x, z) -> z")
         if warn_residual is not None and not warn_residual > 0:
@@ -113,6 +127,8 @@ class DEQLayer(ImplicitLayer):
             init=init if init is not None else _zeros_like_x,
         )
         self.warn_residual = warn_residual
+        self.trajectory_adjoint = trajectory_adjoint if trajectory_adjoint is not None \
+            else self.adjoint
 
     def _y0_name(self) -> str:
         return "z0"
@@ -121,14 +137,54 @@ class DEQLayer(ImplicitLayer):
     def cell(self) -> Callable:
         return self.fn.fixed_point_map
 
-    def forward(self, x, z0: Tensor | None = None) -> Tensor:
-        """Solve ``z = cell(x, z)`` from ``z0`` (default ``init(x)``); returns ``z*``."""
-        z = super().forward(x, z0)
+    def forward(self, x, z0: Tensor | None = None, *,
+                trajectory: int | None = None) -> Tensor | list[Tensor]:
+        """Solve ``z = cell(x, z)`` from ``z0`` (default ``init(x)``); returns ``z*``.
+
+        Args:
+            x: the input (a Tensor or a tuple of Tensors).
+            z0: the starting point; pass the previous equilibrium of the same sample to
+                warm-start the solve (see the class docstring).
+            trajectory: ``k`` to return ``k`` states ``[z_1, …, z_k]`` of the solve instead,
+                ``z_k = z*`` and ``z_i`` the kept iterate nearest to iteration ``i·K/k`` of the
+                ``K`` iterations, each differentiable with the ``trajectory_adjoint`` at its
+                own point (fixed-point correction; the iterations are in
+                ``stats.forward.extra["trajectory"]``).
+        """
+        if trajectory is None:
+            z = super().forward(x, z0)
+        else:
+            if any(is_wrapped(t) for t in (x if isinstance(x, (tuple, list)) else (x,))):
+                raise ValueError("trajectory= is not supported inside torch.func transforms "
+                                 "(vmap, grad, jacrev, ...): the states are recorded from the "
+                                 "solver, which runs on the unwrapped batch")
+            recorder = TrajectoryRecorder(trajectory)
+            solve = self._sibling(Recording(self.solver, recorder), self.adjoint)
+            z = solve(x, z0)
+            self.stats = solve.stats  # the same object receives the backward's stats
         if (self.warn_residual is not None and z.requires_grad and self.stats.forward is not None
                 and not is_wrapped(z)):
             warn_off_equilibrium(self.stats.forward.residual, z, self.warn_residual,
-                                 self.event_ndim, where=type(self).__name__)
-        return z
+                                 self.event_ndim, where=type(self).__name__,
+                                 atol=self._absolute_tolerance(z.dtype))
+        if trajectory is None:
+            return z
+        last = int(self.stats.forward.iterations.max()) if z.numel() else 0
+        iterations, states = recorder.pick(last)
+        self.stats.forward.extra["trajectory"] = [*iterations, last]
+        at_point = self._sibling(GivenPoint(), self.trajectory_adjoint)
+        return [at_point(x, state) for state in states] + [z]
+
+    def _absolute_tolerance(self, dtype: torch.dtype) -> float:
+        tolerances = getattr(self.solver, "tolerances", None)
+        return tolerances(dtype)[0] if tolerances is not None else 0.0
+
+    def _sibling(self, solver: RootSolver, adjoint: Adjoint) -> ImplicitLayer:
+        """A generic layer on the same cell with another solver and adjoint (not registered
+        as a submodule: the cell's parameters stay registered once, here)."""
+        return ImplicitLayer(self.fn.residual, solver, adjoint, event_ndim=self.event_ndim,
+                             on_failure=self.on_failure, fixed_point_map=self.cell,
+                             init=self.init)
 
     def jacobian_regularization(self, x, z: Tensor, samples: int = 1,
                                 generator: torch.Generator | None = None) -> Tensor:

@@ -14,7 +14,6 @@ event dims, and the cell must not mix samples.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -116,15 +115,17 @@ def spectral_radius(fn: Map, z: Tensor, *, event_ndim: int = 1, iters: int = 30,
 
 
 def warn_off_equilibrium(residual_norm: Tensor, z: Tensor, threshold: float,
-                         event_ndim: int = 1, where: str = "DEQLayer") -> bool:
-    """Warn (:class:`~implicit_layers.ConvergenceWarning`) when some sample's relative
-    fixed-point residual ``‖cell(x, z) − z‖ / ‖z‖`` exceeds ``threshold``: the implicit
-    gradient assumes an exact equilibrium and is inaccurate there. Returns whether it warned.
+                         event_ndim: int = 1, where: str = "DEQLayer", atol: float = 0.0) -> bool:
+    """Warn (:class:`~implicit_layers.ConvergenceWarning`) when some sample's fixed-point
+    residual exceeds ``atol + threshold · ‖z‖`` (the solvers' form of a tolerance, so that an
+    equilibrium at ``z = 0`` met to ``atol`` does not warn): the implicit gradient assumes an
+    exact equilibrium and is inaccurate there. Returns whether it warned.
 
     Args:
         residual_norm: ``‖cell(x, z) − z‖`` per sample (e.g. ``stats.forward.residual``).
         z: the point, shape ``(*batch, *event)``.
         threshold: the largest acceptable relative residual.
+        atol: the absolute part (e.g. the forward solver's absolute tolerance).
 
     >>> import torch, warnings
     >>> with warnings.catch_warnings(record=True) as caught:
@@ -132,16 +133,16 @@ def warn_off_equilibrium(residual_norm: Tensor, z: Tensor, threshold: float,
     ...     warn_off_equilibrium(torch.full((2,), 0.1), torch.ones(2, 3), threshold=1e-3)
     True
     """
-    num = residual_norm.detach()
-    den = _per_sample_sq_norm(z.detach(), event_ndim).sqrt().reshape(num.shape)
+    num = residual_norm.detach().double()
+    den = _per_sample_sq_norm(z.detach().double(), event_ndim).sqrt().reshape(num.shape)
+    ok = num <= atol + threshold * den  # False for NaN
+    if bool(ok.all()):
+        return False
     rel = torch.where(num == 0, torch.zeros_like(num), num / den)
-    worst = float(rel.max()) if rel.numel() else 0.0
-    if math.isnan(worst) or worst > threshold:
-        bad = int((~(rel <= threshold)).sum())
-        warnings.warn(
-            f"{where}: the implicit gradient is taken at a point that is not an equilibrium "
-            f"(relative residual {worst:.2e} > {threshold:.0e} in {bad} of {rel.numel()} "
-            f"samples); the gradient is inaccurate: tighten the forward solve or raise max_iter",
-            ConvergenceWarning, stacklevel=3)
-        return True
-    return False
+    worst = float(torch.where(ok, 0.0, rel).nan_to_num(nan=float("inf")).max())
+    warnings.warn(
+        f"{where}: the implicit gradient is taken at a point that is not an equilibrium "
+        f"(relative residual {worst:.2e} > {threshold:.0e} in {int((~ok).sum())} of "
+        f"{ok.numel()} samples); the gradient is inaccurate: tighten the forward solve or raise "
+        f"max_iter", ConvergenceWarning, stacklevel=3)
+    return True

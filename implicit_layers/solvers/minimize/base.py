@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from implicit_layers.compat import is_wrapped
-from implicit_layers.solvers.base import IterationLog, RootProblem, RootSolver
+from implicit_layers.errors import ConvergenceError
+from implicit_layers.solvers.base import RootProblem, RootSolver
+from implicit_layers.stats import SolverStats
 
 
 def _functional(t: Tensor) -> bool:
@@ -108,17 +110,55 @@ class Objective:
         return f.detach(), g.detach(), hvp
 
 
-class GradientLog(IterationLog):
+class GradientLog:
     """The iteration log of a minimizer: a sample converges when
-    ``‖∇f‖ ≤ tol + rtol · ‖∇f(y₀)‖`` (the log's relative scale is the first gradient, passed
-    where root solvers pass the iterate)."""
+    ``‖∇f‖ ≤ tol + rtol · ‖∇f(y₀)‖`` (the relative scale is the first gradient, not the iterate
+    as for root solvers, so an objective unbounded below never "converges" far away).
+
+    Norms are overflow-safe (:func:`~implicit_layers.solvers.base.safe_norm`); a non-finite
+    gradient norm is never converged and raises ``ConvergenceError``. Attributes: ``res``
+    (gradient norms), ``done``, ``iterations``, ``evaluations``, ``scale`` (``∇f(y₀)``).
+    """
 
     def __init__(self, solver: RootSolver, problem: RootProblem, g0: Tensor):
-        super().__init__(solver, problem, g0, g0)
+        self.solver, self.problem, self.dtype = solver, problem, g0.dtype
+        self.tol, self.rtol = solver.tolerances(g0.dtype)
         self.scale = g0
+        self.evaluations = 1
+        self.res = problem.norm(g0)
+        self.iterations = torch.zeros_like(self.res, dtype=torch.int64)
+        self.trace: list[Tensor] = []
+        self.done = torch.zeros_like(self.res, dtype=torch.bool)
+        self._record(0)
+
+    @property
+    def active(self) -> Tensor:
+        return ~self.done
+
+    def converged(self, res: Tensor) -> Tensor:
+        """``res ≤ tol + rtol · ‖∇f(y₀)‖`` and finite."""
+        bound = self.tol + self.rtol * self.problem.norm(self.scale)
+        return torch.isfinite(res) & (res <= bound)
 
     def update(self, g: Tensor, active: Tensor, evaluations: int = 1) -> None:
-        super().update(self.scale, g, active, evaluations)
+        """Record one iteration of the samples in ``active`` (batch-shaped mask)."""
+        self.evaluations += evaluations
+        self.res = torch.where(active, self.problem.norm(g), self.res)
+        self.iterations = self.iterations + active.to(torch.int64)
+        self._record(len(self.trace))
+
+    def _record(self, iteration: int) -> None:
+        if not bool(torch.isfinite(self.res).all()):
+            raise ConvergenceError(f"{self.solver.name}: non-finite gradient at iteration "
+                                   f"{iteration}; the solve was stopped instead of "
+                                   f"propagating NaN/Inf")
+        self.done = self.done | self.converged(self.res)
+        self.trace.append(self.res)
+
+    def stats(self, **extra) -> SolverStats:
+        return SolverStats(solver=self.solver.name, iterations=self.iterations,
+                           residual=self.res, converged=self.done, trace=torch.stack(self.trace),
+                           evaluations=self.evaluations, extra=extra)
 
 
 class Minimizer(RootSolver):

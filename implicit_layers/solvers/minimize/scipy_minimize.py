@@ -88,7 +88,7 @@ class ScipyMinimize(Minimizer):
         y = to_torch(sol.x)
         _, g = obj.value_and_grad(y)
         log.update(obj.unflat(g), torch.ones_like(log.done))  # SciPy moved every sample
-        log.done = self.converged(log.res, problem.norm(log.scale), dtype)  # judged afresh at y
+        log.done = log.converged(log.res)  # judged afresh at y
         log.iterations = torch.full_like(log.iterations, int(getattr(sol, "nit", 0)))
         stats = log.stats(message=str(sol.message), success=bool(sol.success))
         stats.evaluations = obj.evaluations
