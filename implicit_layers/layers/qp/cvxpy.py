@@ -12,6 +12,13 @@ is a few tensor contractions followed by the QP layer with
 
     Q = P,  c = q,  A = A_z,  b = −b_z,  G = −A_+,  h = b_+.
 
+Two canonical inequality rows that are the same row with opposite signs for every ``θ``
+(``a(θ)ᵀx ≤ h₁(θ)`` and ``−a(θ)ᵀx ≤ h₂(θ)``: a bound on both sides of ``x`` or of ``G(θ)x``,
+``lo ≤ x, x ≤ hi``) become one two-sided row ``−h₂ ≤ aᵀx ≤ h₁`` of the QP layer, which
+the interior point solves at the cost of one row instead of two. A call whose parameters
+cross such bounds (``−h₂ > h₁``: infeasible, which the layer would reject as malformed
+two-sided input) solves the two rows apart instead, as cvxpy does.
+
 Problems that are not DPP QPs (second-order cones, exponentials, non-affine parameter use)
 are rejected with a ``ValueError`` saying so.
 """
@@ -22,12 +29,32 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from implicit_layers.checks import all_finite, check_tensor
+from implicit_layers.compat import is_wrapped
+
 
 def _fortran_flat(t: Tensor, event_ndim: int) -> Tensor:
     """Flatten the last ``event_ndim`` dims in column-major order (cvxpy's layout)."""
     lead = t.ndim - event_ndim
     perm = (*range(lead), *reversed(range(lead, t.ndim)))
     return t.permute(perm).reshape(*t.shape[:lead], -1)
+
+
+def opposite_pairs(rows: np.ndarray) -> tuple[list[int], list[int]]:
+    """``(upper, lower)``: row indices such that ``rows[lower[k]] == −rows[upper[k]]`` exactly
+    (each row in one pair at most, zero rows in none), in the order the pairs close."""
+    pending: dict[bytes, list[int]] = {}
+    upper, lower = [], []
+    for i, row in enumerate(rows):
+        if not row.any():
+            continue
+        partners = pending.get((-row + 0.0).tobytes())  # + 0.0: −0.0 and 0.0 alike
+        if partners:
+            upper.append(partners.pop())
+            lower.append(i)
+        else:
+            pending.setdefault((row + 0.0).tobytes(), []).append(i)
+    return upper, lower
 
 
 def _fortran_unflat(t: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -46,9 +73,12 @@ class CvxpyQPLayer(nn.Module):
             be passed to ``forward``.
         variables: the ``cvxpy.Variable`` s whose values ``forward`` returns.
         layer: the QP layer that solves the canonical problem (its solver and failure policy).
+        two_sided: merge opposite canonical inequality rows into two-sided rows (default
+            True; see the module docstring). ``False`` keeps cvxpy's one-sided rows.
 
     ``forward(*params)`` takes one tensor per parameter, shaped ``(*batch, *param.shape)``
-    (leading dims broadcast), and returns a tuple with one tensor per variable.
+    (leading dims broadcast, finite values: a bound of magnitude ``≥ 1e20`` means none), and
+    returns a tuple with one tensor per variable.
 
     >>> import cvxpy as cp, torch, implicit_layers as il
     >>> x = cp.Variable(2); p = cp.Parameter(2)
@@ -58,7 +88,7 @@ class CvxpyQPLayer(nn.Module):
     tensor([1., 0.], dtype=torch.float64)
     """
 
-    def __init__(self, problem, parameters, variables, layer: nn.Module):
+    def __init__(self, problem, parameters, variables, layer: nn.Module, two_sided: bool = True):
         super().__init__()
         import cvxpy as cp
 
@@ -80,10 +110,20 @@ class CvxpyQPLayer(nn.Module):
         if any(len(d) if isinstance(d, list) else d for d in (dims.soc, dims.psd, dims.exp)):
             raise ValueError("from_cvxpy: the canonical problem has conic constraints: not a QP")
         self.layer, self.params, self.variables = layer, params, variables
-        self.n_eq, self.n_ineq = dims.zero, dims.nonneg
         self.cols = [prog.param_id_to_col[p.id] for p in params]
         self.var_cols = [prog.var_id_to_col[v.id] for v in variables]
-        for name, t in zip(("P_map", "q_map", "A_map", "b_map"), self._affine_maps(prog), strict=True):
+        P, q, A, b = self._affine_maps(prog)
+        e, k = dims.zero, dims.zero + dims.nonneg
+        # G = −A_+, h = b_+; merged rows first (upper side from one row, lower from its partner)
+        upper, lower = opposite_pairs(A[:, e:k].transpose(1, 0, 2).reshape(k - e, -1)) \
+            if two_sided else ([], [])
+        single = sorted(set(range(k - e)) - set(upper) - set(lower))
+        rows = np.asarray(upper + single, dtype=np.int64) + e
+        self.n_pairs = len(upper)
+        partners = np.asarray(lower, dtype=np.int64) + e
+        maps = {"P_map": P, "q_map": q, "A_map": A[:, :e], "b_map": -b[:, :e],
+                "G_map": -A[:, rows], "h_map": b[:, rows], "lower_map": -b[:, partners]}
+        for name, t in maps.items():
             self.register_buffer(name, torch.as_tensor(t, dtype=torch.float64))
 
     @staticmethod
@@ -104,29 +144,50 @@ class CvxpyQPLayer(nn.Module):
             q.append(q_all[:n, j])
         return np.stack(P), np.stack(q), np.stack(A), np.stack(b)
 
-    def problem_data(self, *params: Tensor) -> tuple[Tensor, ...]:
-        """``(Q, c, A, b, G, h)`` of the canonical QP at the given parameter values."""
+    def _theta(self, params) -> Tensor:
+        """The stacked parameter vector ``(*batch, T + 1)`` in cvxpy's column order."""
         if len(params) != len(self.params):
             raise ValueError(f"expected {len(self.params)} parameter tensors, got {len(params)}")
         flats = []
-        for t, p in zip(params, self.params, strict=True):
+        for i, (t, p) in enumerate(zip(params, self.params, strict=True)):
+            name = f"parameter {p.name()} (argument {i})"
             if not isinstance(t, Tensor) or tuple(t.shape[t.ndim - len(p.shape):]) != p.shape \
                     or t.ndim < len(p.shape):
-                raise ValueError(f"parameter {p.name()} must have shape (*batch, {p.shape}), "
+                raise ValueError(f"{name} must have shape (*batch, {p.shape}), "
                                  f"got {tuple(getattr(t, 'shape', ()))}")
+            check_tensor(name, t, finite=False)
+            if not is_wrapped(t) and not all_finite(t):
+                what = "NaN" if bool(torch.isnan(t).any()) else "inf"
+                raise ValueError(f"{name} contains {what} (parameters enter the QP linearly, so they "
+                                 f"must be finite; a bound of magnitude >= 1e20 means no bound)")
             flats.append(_fortran_flat(t, len(p.shape)) if p.shape else t.unsqueeze(-1))
-        ref = params[0]
         batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flats))
         order = sorted(range(len(flats)), key=lambda i: self.cols[i])  # cvxpy's column order
         parts = [flats[i].expand(*batch, flats[i].shape[-1]) for i in order]
-        theta = torch.cat([*parts, ref.new_ones(*batch, 1)], -1)
-        maps = (self.P_map, self.q_map, self.A_map, self.b_map)
-        maps = [m.to(dtype=ref.dtype, device=ref.device) for m in maps]
-        P, q, Acone, bcone = (torch.tensordot(theta, m, dims=1) for m in maps)
-        e, k = self.n_eq, self.n_eq + self.n_ineq
-        return P, q, Acone[..., :e, :], -bcone[..., :e], -Acone[..., e:k, :], bcone[..., e:k]
+        return torch.cat([*parts, params[0].new_ones(*batch, 1)], -1)
+
+    def problem_data(self, *params: Tensor) -> tuple[Tensor, ...]:
+        """``(Q, c, A, b, G, h, lower)`` of the canonical QP at the given parameter values
+        (``lower`` is −inf on the one-sided rows)."""
+        theta = self._theta(params)
+        Q, c, A, b, G, h, lower = (torch.tensordot(theta, m.to(dtype=theta.dtype, device=theta.device),
+                                                   dims=1) for m in self._maps())
+        inf = torch.full((*lower.shape[:-1], G.shape[-2] - self.n_pairs), -float("inf"),
+                         dtype=lower.dtype, device=lower.device)
+        return Q, c, A, b, G, h, torch.cat([lower, inf], -1)
+
+    def _maps(self) -> tuple[Tensor, ...]:
+        return (self.P_map, self.q_map, self.A_map, self.b_map, self.G_map, self.h_map, self.lower_map)
 
     def forward(self, *params: Tensor) -> tuple[Tensor, ...]:
-        x, _, _ = self.layer(*self.problem_data(*params))
+        Q, c, A, b, G, h, lower = self.problem_data(*params)
+        k = self.n_pairs
+        inspectable = not (is_wrapped(lower) or is_wrapped(h))
+        # crossed bounds (infeasible): cvxpy's one-sided rows, which the layer takes as such
+        if k and inspectable and bool((lower[..., :k] > h[..., :k]).any()):
+            x, _, _ = self.layer(Q, c, A, b, torch.cat([G, -G[..., :k, :]], -2),
+                                 torch.cat([h, -lower[..., :k]], -1))
+        else:
+            x, _, _ = self.layer(Q, c, A, b, G, h, lower=lower if k else None)
         return tuple(_fortran_unflat(x[..., col: col + v.size], v.shape) if v.shape else x[..., col]
                      for v, col in zip(self.variables, self.var_cols, strict=True))
