@@ -51,11 +51,12 @@ def least_shift(solver, problem: QPProblem) -> tuple[Tensor, Tensor]:
 
 
 def infeasible(solver, problem: QPProblem, tol: float) -> Tensor:
-    """Samples whose least-norm feasible shift is clearly nonzero (relative to the data)."""
+    """Samples whose least-norm feasible shift is nonzero beyond the accuracy of its solve
+    (ten times ``tol``, relative to the data)."""
     shift, solved = least_shift(solver, problem)
     lo, hi = problem.finite_bounds()
     scale = 1 + torch.maximum(inf_norm(problem.b), torch.maximum(inf_norm(lo), inf_norm(hi)))
-    return solved & (inf_norm(shift) > tol ** 0.5 * scale)
+    return solved & (inf_norm(shift) > 10 * tol * scale)
 
 
 def mark_infeasible(solver, problem: QPProblem, status: Tensor, tol: float) -> None:
