@@ -22,7 +22,7 @@ quantity of the stopping test is mapped back to the user's problem first. A samp
 
 * ``‖Ax − b‖∞ ≤ tol·(1 + max(‖Ax‖∞, ‖b‖∞))`` and every finite bound holds up to
   ``tol·(1 + max(‖Gx‖∞, |finite bounds|∞))`` (through the slack residuals ``r^±``);
-* ``‖Qx + c + Aᵀλ + Gᵀμ‖∞ ≤ tol·(1 + max(‖Qx‖∞, ‖c‖∞, ‖Aᵀλ‖∞, ‖Gᵀμ‖∞))``;
+* ``‖Qx + c + Aᵀλ + Gᵀμ‖∞ ≤ tol·(1 + max(‖Qx‖∞, ‖c‖∞, ‖Aᵀλ + Gᵀμ‖∞))``;
 * the duality gap ``Σ s⁺z⁺ + s⁻z⁻ ≤ tol·(1 + |½xᵀQx + cᵀx|)``.
 
 Afterwards the solution is *polished* (:mod:`implicit_layers.solvers.qp.active_set`): the
@@ -60,9 +60,9 @@ class InteriorPoint(QPSolver):
         tol: the stopping tolerance of the test in the module docstring (default ``1e-9`` in
             float64, ``1e-5`` in float32); polishing then usually reaches working precision.
         max_iter: iteration cap; samples still running get ``MAX_ITER``.
-        reg: regularization of the Newton systems on the equilibrated problem (default
-            ``1e-9`` in float64, ``1e-5`` in float32): it makes LPs, singular ``Q`` and
-            dependent equality rows solvable and only perturbs search directions.
+        reg: regularization of the Newton systems on the equilibrated problem (default: see
+            :meth:`defaults`): it makes LPs, singular ``Q`` and dependent equality rows solvable
+            and only perturbs search directions.
         infeasibility_tol: tolerance of the infeasibility/unboundedness certificates
             (default ``1e-8`` float64, ``1e-4`` float32).
         kkt_form: ``"primal"`` factors ``Q + ρI + AᵀA/δ + Gᵀ(W + δI)⁻¹G`` (n × n, any positive
@@ -112,10 +112,12 @@ class InteriorPoint(QPSolver):
         grows better conditioned as ``W`` shrinks, and a floor there would keep the
         directions of the active constraints from converging (1e-10 in both dtypes). The
         regularization follows the same split: ``ε^0.6`` of the dtype for the primal order's
-        ``Q`` and equality blocks, 1e-9 on the dual order's ``m × m`` system."""
+        ``Q`` and equality blocks (refined away in every solve), 1e-12 on the dual order's
+        ``m × m`` system, where the floor ``w_min`` already keeps it positive definite (its
+        directions are then exact for the floored ``W``: no refinement needed)."""
         f64 = dtype == torch.float64
         eps = torch.finfo(dtype).eps
-        reg = self.reg if self.reg is not None else (1e-9 if dual else eps ** 0.6)
+        reg = self.reg if self.reg is not None else (1e-12 if dual else eps ** 0.6)
         w_min = 1e-10 if f64 or dual else eps ** 0.5
         return (self.tol if self.tol is not None else (1e-9 if f64 else 1e-5), reg,
                 self.infeasibility_tol if self.infeasibility_tol is not None else (1e-8 if f64 else 1e-4),
@@ -249,8 +251,8 @@ def _residuals(view, scaling: Scaling, st: _State):
     lower, upper = P.finite_bounds()
     fl, fu = P.has_lower.to(lower.dtype), P.has_upper.to(lower.dtype)
     mu = st.zu - st.zl
-    Qx, Ax, Gx, Atl, Gtm = view.products(st.x, st.lam, mu)
-    r_d = Qx + view.c + Atl + Gtm
+    Qx, Ax, Gx, Cty = view.products(st.x, st.lam, mu)
+    r_d = Qx + view.c + Cty
     r_e = Ax - P.b
     r_u = fu * (Gx + st.su - upper)
     r_l = fl * (lower + st.sl - Gx)
@@ -258,7 +260,7 @@ def _residuals(view, scaling: Scaling, st: _State):
     obj = 0.5 * (st.x * Qx).sum(-1) + (view.c * st.x).sum(-1)
     # the original problem's terms
     sigma, Dinv = scaling.sigma, scaling.D.reciprocal()
-    r_d0, Qx0, Atl0, Gtm0 = (Dinv * v / sigma[:, None] for v in view.original(r_d, Qx, Atl, Gtm))
+    r_d0, Qx0, Cty0 = (Dinv * v / sigma[:, None] for v in view.original(r_d, Qx, Cty))
     c0 = Dinv * P.c / sigma[:, None]
     EA, EG = scaling.E_A, scaling.E_G
     eq = inf_norm(r_e / EA) / (1 + torch.maximum(inf_norm(Ax / EA), inf_norm(P.b / EA)))
@@ -266,12 +268,12 @@ def _residuals(view, scaling: Scaling, st: _State):
                                                                  inf_norm(fl * lower / EG)))
     ineq = torch.maximum(inf_norm(r_u / EG), inf_norm(r_l / EG)) / (1 + bound_scale)
     dual = inf_norm(r_d0) / (1 + torch.maximum(torch.maximum(inf_norm(Qx0), inf_norm(c0)),
-                                               torch.maximum(inf_norm(Atl0), inf_norm(Gtm0))))
+                                               inf_norm(Cty0)))
     gap_rel = (gap / sigma) / (1 + (obj / sigma).abs())
     res = torch.maximum(torch.maximum(eq, ineq), torch.maximum(dual, gap_rel))
     # non-finite anywhere (x, λ, z, s) reaches res through these terms
     parts = dict(r_d=r_d, r_e=r_e, r_u=r_u, r_l=r_l, gap=gap, fu=fu, fl=fl, Qx=Qx, Ax=Ax, Gx=Gx,
-                 Aty=Atl + Gtm, lower=lower, upper=upper, gap_scale=sigma + obj.abs())
+                 Aty=Cty, lower=lower, upper=upper, gap_scale=sigma + obj.abs())
     return res, parts
 
 
@@ -342,9 +344,9 @@ def _step(view, st: _State, parts, res: Tensor, reg: float, tol: float, w_min: f
     D = fu * zu / su + fl * zl / sl
     W = D.reciprocal().clamp_min(w_min)
     fac = view.factor(W, reg)
-    # the dual order's δ only matters once some W is down to its size (near the solution);
-    # the primal order's δ-penalized equality block always does
-    refine = not is_whitened(view) or bool((W < 1e3 * reg).any())
+    # the primal order's δ-penalized equality block needs refinement; the dual order's
+    # regularization is negligible next to its floor w_min
+    refine = not is_whitened(view)
 
     def solve(r1, r2, r3):
         """``M⁻¹ r``, with one step of refinement against the unregularized ``M`` where the

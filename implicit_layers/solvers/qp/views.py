@@ -38,9 +38,9 @@ class PrimalView:
         return PrimalView(self.problem.select(idx), self.kkt.select(idx), self.data_scale[idx])
 
     def products(self, x: Tensor, lam: Tensor, mu: Tensor) -> tuple[Tensor, ...]:
-        """``(Qx, Ax, Gx, Aᵀλ, Gᵀμ)``."""
+        """``(Qx, Ax, Gx, Aᵀλ + Gᵀμ)``."""
         P = self.problem
-        return mv(P.Q, x), mv(P.A, x), mv(P.G, x), mv(P.A.mT, lam), mv(P.G.mT, mu)
+        return mv(P.Q, x), mv(P.A, x), mv(P.G, x), mv(P.A.mT, lam) + mv(P.G.mT, mu)
 
     def original(self, *vectors: Tensor) -> tuple[Tensor, ...]:
         """Dual-space vectors (``r_d``, ``Qx``, ...) in the problem's coordinates."""
@@ -76,10 +76,10 @@ class WhitenedView:
         return WhitenedView(self.problem.select(idx), self.system.select(idx), self.data_scale[idx])
 
     def products(self, x: Tensor, lam: Tensor, mu: Tensor) -> tuple[Tensor, ...]:
-        """``(Q̃x̃, Ãx̃, G̃x̃, Ãᵀλ, G̃ᵀμ)`` with ``Q̃ = I`` and ``[Ã; G̃] = U``."""
+        """``(Q̃x̃, Ãx̃, G̃x̃, Ãᵀλ + G̃ᵀμ)`` with ``Q̃ = I`` and ``[Ã; G̃] = U``: two products."""
         U, p = self.system.U, lam.shape[-1]
         Ux = mv(U, x)
-        return x, Ux[..., :p], Ux[..., p:], mv(U[..., :p, :].mT, lam), mv(U[..., p:, :].mT, mu)
+        return x, Ux[..., :p], Ux[..., p:], mv(U.mT, torch.cat([lam, mu], -1))
 
     def original(self, *vectors: Tensor) -> tuple[Tensor, ...]:
         """Dual-space vectors in the original coordinates, ``v = L ṽ``, in one pass over ``L``."""
