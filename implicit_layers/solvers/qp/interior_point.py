@@ -148,7 +148,8 @@ class InteriorPoint(QPSolver):
         view = make_view(scaled, self._use_dual(n, p, m), self.defaults(dtype, False)[1])
         _, reg, _, w_min = self.defaults(dtype, is_whitened(view))
         tol, _, inf_tol, _ = self.defaults(tol_dtype or dtype, is_whitened(view))
-        state = _initial_point(view, scaled, reg)
+        sides = _Sides(scaled)
+        state = _initial_point(view, scaled, sides, reg)
         status = torch.full((B,), RUNNING, dtype=torch.int64, device=device)
         iters = torch.zeros(B, dtype=torch.int64, device=device)
         residual = torch.full((B,), float("inf"), dtype=dtype, device=device)
@@ -162,9 +163,10 @@ class InteriorPoint(QPSolver):
             sub = view if everyone else view.select(idx)
             subscale = scaling if everyone else scaling.select(idx)
             st = state if everyone else state.select(idx)
-            res, parts = _residuals(sub, subscale, st)
+            subsides = sides if everyone else sides.select(idx)
+            res, parts = _residuals(sub, subscale, subsides, st)
             jammed = (last_step if everyone else last_step.index_select(0, idx)) < 1e-8
-            new = _classify(sub, st, res, parts, jammed, tol, inf_tol, k == self.max_iter)
+            new = _classify(sub, subsides, st, res, parts, jammed, tol, inf_tol, k == self.max_iter)
             # a step below 1e-10 of the way twice in a row: stalled (polishing may finish it)
             stalled = jammed & ((last_step2 if everyone else last_step2.index_select(0, idx)) < 1e-10) \
                 & (new == RUNNING)
@@ -176,13 +178,14 @@ class InteriorPoint(QPSolver):
             go = new == RUNNING
             if not bool(go.any()):
                 continue
-            step, alpha, ok = _step(sub, st, parts, res, reg, tol, w_min)
+            step, alpha, ok = _step(sub, subsides, st, parts, res, reg, tol, w_min)
             status[idx[~ok & go]] = QPStatus.NUMERICAL
             state.advance_(idx if not everyone else None, step, torch.where(ok & go, alpha, 0.0))
             last_step2.index_copy_(0, idx, last_step.index_select(0, idx))
             last_step.index_copy_(0, idx, alpha)
-        x, lam, mu = scaling.unscale(view.to_original(state.x), state.lam, state.zu - state.zl)
-        slack_u, slack_l = state.su / scaling.E_G, state.sl / scaling.E_G
+        x, lam, mu = scaling.unscale(view.to_original(state.x), state.lam, state.mu(sides))
+        slack_u, slack_l = sides.upper_lower(state.s, float("inf"))
+        slack_u, slack_l = slack_u / scaling.E_G, slack_l / scaling.E_G
         solved = status == QPStatus.SOLVED
         stats = SolverStats(self.name, iters, residual, solved, evaluations=int(iters.max()) + 1)
         stats.extra["status"] = status
@@ -195,89 +198,126 @@ class InteriorPoint(QPSolver):
         return sol
 
 
-class _State:
-    """The iterate in the iteration's coordinates: ``x, λ`` and, per row, ``z⁺, z⁻, s⁺, s⁻``
-    (absent sides hold ``z = 0, s = 1`` and never move)."""
+class _Sides:
+    """The constraint sides a batch has: upper (``u − Gx ≥ 0``) and/or lower (``Gx − l ≥ 0``),
+    stacked along a dim of size ``S ∈ {1, 2}`` so that one op serves both; a batch with no
+    lower bound at all pays for one side only.
 
-    def __init__(self, x, lam, zu, zl, su, sl):
-        self.x, self.lam, self.zu, self.zl, self.su, self.sl = x, lam, zu, zl, su, sl
+    Attributes: ``sign`` ``(S, 1)`` +1 for upper, −1 for lower; ``bound`` ``(B, S, m)`` (0 where
+    absent); ``mask`` ``(B, S, m)`` 1.0 where present; ``count`` ``(B,)`` present sides."""
+
+    def __init__(self, P: QPProblem):
+        lower, upper = P.finite_bounds()
+        dtype = lower.dtype
+        sides = [(1.0, upper, P.has_upper)] if bool(P.has_upper.any()) else []
+        if bool(P.has_lower.any()) or not sides:
+            sides.append((-1.0, lower, P.has_lower))
+        self.sign = torch.tensor([[sg] for sg, _, _ in sides], dtype=dtype, device=lower.device)
+        self.bound = torch.stack([b for _, b, _ in sides], 1)
+        self.mask = torch.stack([f for _, _, f in sides], 1).to(dtype)
+        self.count = self.mask.sum((1, 2)).clamp_min(1)
+
+    def select(self, idx: Tensor) -> _Sides:
+        out = _Sides.__new__(_Sides)
+        out.sign = self.sign
+        out.bound, out.mask, out.count = (t.index_select(0, idx) for t in (self.bound, self.mask, self.count))
+        return out
+
+    def upper_lower(self, t: Tensor, fill: float) -> tuple[Tensor, Tensor]:
+        """``t (B, S, m)`` split into its upper and lower sides (``fill`` where absent)."""
+        full = torch.full_like(t[:, 0], fill)
+        up = t[:, 0] if float(self.sign[0]) > 0 else full
+        lo = t[:, -1] if float(self.sign[-1]) < 0 else full
+        return up, lo
+
+
+class _State:
+    """The iterate in the iteration's coordinates: ``x, λ`` and, per constraint side,
+    multipliers ``z`` and slacks ``s`` ``(B, S, m)`` (absent sides hold ``z = 0, s = 1`` and
+    never move); ``μ = Σ_k sign_k z_k``."""
+
+    def __init__(self, x, lam, z, s):
+        self.x, self.lam, self.z, self.s = x, lam, z, s
 
     def tensors(self):
-        return (self.x, self.lam, self.zu, self.zl, self.su, self.sl)
+        return (self.x, self.lam, self.z, self.s)
+
+    def mu(self, sides: _Sides) -> Tensor:
+        return (sides.sign * self.z).sum(1)
 
     def select(self, idx: Tensor) -> _State:
         return _State(*(t.index_select(0, idx) for t in self.tensors()))
 
     def advance_(self, idx: Tensor | None, step, alpha: Tensor) -> None:
         """``v ← v + α dv`` for every variable, in place (``idx``: the rows of the batch)."""
-        a = alpha.unsqueeze(-1)
         for v, dv in zip(self.tensors(), step, strict=True):
+            a = alpha.reshape(-1, *([1] * (v.ndim - 1)))
             if idx is None:
                 v.add_(a * dv)
             else:
                 v.index_add_(0, idx, a * dv)
 
 
-def _initial_point(view, P: QPProblem, reg: float) -> _State:
+def _initial_point(view, P: QPProblem, sides: _Sides, reg: float) -> _State:
     """Solve the KKT system with ``W = I`` and ``Gx`` pulled towards the middle of the bounds,
     then shift slacks and multipliers into the interior and take their geometric mean for
     both (``s = z``): a well-centred start."""
-    lower, upper = P.finite_bounds()
-    fl, fu = P.has_lower.to(lower.dtype), P.has_upper.to(lower.dtype)
-    both = fl * fu
-    target = both * (lower + upper) / 2 + (1 - both) * (fu * upper + fl * lower)
+    f, b = sides.mask, sides.bound
+    count = f.sum(1)  # sides per row
+    target = (f * b).sum(1) / count.clamp_min(1)
     fac = view.factor(torch.ones_like(target), reg)
     x, lam, mu, Gx = fac.solve_and_product(-view.c, P.b, target)
+    sg = sides.sign
 
-    def shift(v: Tensor, mask: Tensor) -> Tensor:  # positive, preserving differences
-        worst = torch.where(mask > 0, -v, torch.full_like(v, -float("inf"))).amax(-1, keepdim=True)
+    def shift(v: Tensor) -> Tensor:  # positive on the present sides, preserving differences
+        worst = torch.where(f > 0, -v, torch.full_like(v, -float("inf"))).amax(-1, keepdim=True)
         worst = torch.where(torch.isfinite(worst), worst, torch.zeros_like(worst))
         return torch.where(worst >= 0, v + 1 + worst, v)
 
-    su = shift(upper - Gx, fu)
-    sl = shift(Gx - lower, fl)
-    zu, zl = shift(mu, fu), shift(-mu, fl)
-    su = zu = torch.where(fu > 0, (su * zu).sqrt(), 1.0)
-    sl = zl = torch.where(fl > 0, (sl * zl).sqrt(), 1.0)
-    return _State(x, lam, zu * fu, zl * fl, su.clone(), sl.clone())
+    s = shift(sg * (b - Gx.unsqueeze(1)))
+    z = shift(sg * mu.unsqueeze(1))
+    s = torch.where(f > 0, (s * z).sqrt(), 1.0)
+    return _State(x, lam, s * f, s.clone())
 
 
-def _residuals(view, scaling: Scaling, st: _State):
+def _residuals(view, scaling: Scaling, sides: _Sides, st: _State):
     """The scaled stopping measure of each sample and the residual vectors the step needs.
 
     The measures are those of the original problem, obtained by undoing the equilibration
-    on each term (``r_d = D⁻¹ r̃_d / σ``, ``r_e = E_A⁻¹ r̃_e``, ...)."""
+    on each term (``r_d = D⁻¹ r̃_d / σ``, ``r_e = E_A⁻¹ r̃_e``, ``r_k = E_G⁻¹ r̃_k``, ...)."""
     P = view.problem
-    lower, upper = P.finite_bounds()
-    fl, fu = P.has_lower.to(lower.dtype), P.has_upper.to(lower.dtype)
-    mu = st.zu - st.zl
-    Qx, Ax, Gx, Cty = view.products(st.x, st.lam, mu)
+    f, sg = sides.mask, sides.sign
+    Qx, Ax, Gx, Cty = view.products(st.x, st.lam, st.mu(sides))
     r_d = Qx + view.c + Cty
     r_e = Ax - P.b
-    r_u = fu * (Gx + st.su - upper)
-    r_l = fl * (lower + st.sl - Gx)
-    gap = (fu * st.zu * st.su + fl * st.zl * st.sl).sum(-1)
+    r_s = f * (sg * (Gx.unsqueeze(1) - sides.bound) + st.s)  # slack residuals, per side
+    gap = (f * st.z * st.s).sum((1, 2))
     obj = 0.5 * (st.x * Qx).sum(-1) + (view.c * st.x).sum(-1)
-    # the original problem's terms
     sigma, Dinv = scaling.sigma, scaling.D.reciprocal()
-    r_d0, Qx0, Cty0 = (Dinv * v / sigma[:, None] for v in view.original(r_d, Qx, Cty))
-    c0 = Dinv * P.c / sigma[:, None]
-    EA, EG = scaling.E_A, scaling.E_G
-    eq = inf_norm(r_e / EA) / (1 + torch.maximum(inf_norm(Ax / EA), inf_norm(P.b / EA)))
-    bound_scale = torch.maximum(inf_norm(Gx / EG), torch.maximum(inf_norm(fu * upper / EG),
-                                                                 inf_norm(fl * lower / EG)))
-    ineq = torch.maximum(inf_norm(r_u / EG), inf_norm(r_l / EG)) / (1 + bound_scale)
-    dual = inf_norm(r_d0) / (1 + torch.maximum(torch.maximum(inf_norm(Qx0), inf_norm(c0)),
-                                               inf_norm(Cty0)))
-    gap_rel = (gap / sigma) / (1 + (obj / sigma).abs())
-    res = torch.maximum(torch.maximum(eq, ineq), torch.maximum(dual, gap_rel))
-    # non-finite anywhere (x, λ, z, s) reaches res through these terms
-    parts = dict(r_d=r_d, r_e=r_e, r_u=r_u, r_l=r_l, gap=gap, fu=fu, fl=fl, Qx=Qx, Ax=Ax, Gx=Gx,
-                 Aty=Cty, lower=lower, upper=upper, gap_scale=sigma + obj.abs())
+    r_d0, Qx0, Cty0, c0 = (Dinv * v / sigma[:, None] for v in (*view.original(r_d, Qx, Cty), P.c))
+    EA, EG = scaling.E_A.unsqueeze(1), scaling.E_G.unsqueeze(1)
+    eq = torch.stack([r_e, Ax, P.b], 1) / EA
+    ineq = torch.cat([r_s, Gx.unsqueeze(1), f * sides.bound], 1) / EG
+    eq_n, ineq_n = _inf_rows(eq), _inf_rows(ineq)
+    dual_n = _inf_rows(torch.stack([r_d0, Qx0, c0, Cty0], 1))
+    S = f.shape[1]
+    measure = torch.stack([
+        eq_n[:, 0] / (1 + eq_n[:, 1:].amax(1)),
+        ineq_n[:, :S].amax(1) / (1 + ineq_n[:, S:].amax(1)),
+        dual_n[:, 0] / (1 + dual_n[:, 1:].amax(1)),
+        (gap / sigma) / (1 + (obj / sigma).abs())], 1)
+    res = measure.amax(1)  # non-finite anywhere (x, λ, z, s) reaches res through these terms
+    parts = dict(r_d=r_d, r_e=r_e, r_s=r_s, gap=gap, Qx=Qx, Ax=Ax, Gx=Gx, Aty=Cty,
+                 gap_scale=sigma + obj.abs())
     return res, parts
 
 
-def _classify(view, st: _State, res, parts, jammed, tol, inf_tol, last: bool) -> Tensor:
+def _inf_rows(t: Tensor) -> Tensor:
+    """∞-norms of ``t (B, k, d)`` over its last dim, ``(B, k)`` (0 for ``d = 0``)."""
+    return t.abs().amax(-1) if t.shape[-1] else t.new_zeros(t.shape[:-1])
+
+
+def _classify(view, sides: _Sides, st: _State, res, parts, jammed, tol, inf_tol, last: bool) -> Tensor:
     """The new status of each running sample (``RUNNING`` if it goes on).
 
     Certificates are tested on the equilibrated problem (they are invariant to the scaling
@@ -285,22 +325,21 @@ def _classify(view, st: _State, res, parts, jammed, tol, inf_tol, last: bool) ->
     infeasible start stuck at a complementary point while the certificate forms) accept them
     at the looser ``√inf_tol`` instead of burning the remaining iterations."""
     P = view.problem
-    fu, fl, lower, upper = parts["fu"], parts["fl"], parts["lower"], parts["upper"]
+    f, sg = sides.mask, sides.sign
     certificate_tol = torch.where(jammed, inf_tol ** 0.5, inf_tol)
     tiny = torch.finfo(res.dtype).tiny
     new = torch.full(res.shape, RUNNING, dtype=torch.int64, device=res.device)
     scale = view.data_scale
     if view.may_be_unbounded:  # x/‖x‖∞ → a ray d with Qd ≈ 0, Ad ≈ 0, Gd in the recession cone
         nx = inf_norm(st.x).clamp_min(tiny)
-        Gx = parts["Gx"]
-        cone = torch.maximum(inf_norm(fu * Gx.clamp_min(0)), inf_norm(fl * (-Gx).clamp_min(0)))
-        flat = torch.maximum(torch.maximum(inf_norm(parts["Qx"]), inf_norm(parts["Ax"])), cone)
+        cone = (f * (sg * parts["Gx"].unsqueeze(1)).clamp_min(0)).flatten(1)
+        flat = torch.maximum(torch.maximum(inf_norm(parts["Qx"]), inf_norm(parts["Ax"])), inf_norm(cone))
         descent = (view.c * st.x).sum(-1) < -inf_tol ** 0.5 * (1 + inf_norm(view.c)) * nx
         new = torch.where((flat <= certificate_tol * scale * nx) & descent, QPStatus.UNBOUNDED, new)
-    # infeasible (Farkas): (λ, z⁺, z⁻)/ν → a certificate with Aᵀλ + Gᵀμ ≈ 0, dual value < 0
-    nu = torch.maximum(inf_norm(st.lam), torch.maximum(inf_norm(st.zu), inf_norm(st.zl))).clamp_min(tiny)
-    value = (P.b * st.lam).sum(-1) + (fu * upper * st.zu).sum(-1) - (fl * lower * st.zl).sum(-1)
-    d_scale = 1 + torch.maximum(inf_norm(P.b), torch.maximum(inf_norm(fu * upper), inf_norm(fl * lower)))
+    # infeasible (Farkas): (λ, z)/ν → a certificate with Aᵀλ + Gᵀμ ≈ 0, dual value < 0
+    nu = torch.maximum(inf_norm(st.lam), inf_norm(st.z.flatten(1))).clamp_min(tiny)
+    value = (P.b * st.lam).sum(-1) + (sg * f * sides.bound * st.z).sum((1, 2))
+    d_scale = 1 + torch.maximum(inf_norm(P.b), inf_norm((f * sides.bound).flatten(1)))
     infeasible = (inf_norm(parts["Aty"]) <= certificate_tol * scale * nu) & (
         value < -inf_tol ** 0.5 * d_scale * nu)
     new = torch.where(infeasible, QPStatus.INFEASIBLE, new)
@@ -317,32 +356,33 @@ def _norm(vectors) -> Tensor:
     return torch.stack([inf_norm(v) for v in vectors]).amax(0)
 
 
-def _max_step(pairs, masks) -> Tensor:
-    """Largest ``α ≤ 1`` keeping every ``v + α dv > 0`` (``v > 0``) on the masked rows:
-    ``1 / max(1, −min dv/v)``."""
-    worst = None
-    for (v, dv), mask in zip(pairs, masks, strict=True):
-        if v.shape[-1] == 0:
-            continue
-        r = torch.where(mask > 0, dv / v, torch.zeros((), dtype=v.dtype, device=v.device)).amin(-1)
-        worst = r if worst is None else torch.minimum(worst, r)
-    if worst is None:
-        return pairs[0][0].new_ones(pairs[0][0].shape[0])
+def _max_step(v: Tensor, dv: Tensor, mask: Tensor) -> Tensor:
+    """Largest ``α ≤ 1`` keeping ``v + α dv > 0`` (``v > 0``) on the masked entries of
+    ``(B, k, m)``: ``1 / max(1, −min dv/v)``."""
+    if v.shape[-1] == 0:
+        return v.new_ones(v.shape[0])
+    worst = torch.where(mask > 0, dv / v, 0.0).flatten(1).amin(-1)
     return (-worst).clamp_min(1.0).reciprocal()
 
 
-def _step(view, st: _State, parts, res: Tensor, reg: float, tol: float, w_min: float):
+def _step(view, sides: _Sides, st: _State, parts, res: Tensor, reg: float, tol: float,
+          w_min: float):
     """One Mehrotra predictor-corrector direction, its step length and the per-sample ``ok``
     of the factorization (module docstring). Both directions solve the Newton system; they
     differ only in ``r_c``, so the corrector is the predictor plus one solve with
     ``(0, 0, −W Δρ)``. The centering target ``στ`` is kept above a tenth of the gap the
     stopping test needs: driving the slacks of active constraints far below it (to round-off,
-    where ``W ≪ δ``) only degrades the directions; polishing finishes the job exactly."""
-    fu, fl = parts["fu"], parts["fl"]
-    r_u, r_l = parts["r_u"], parts["r_l"]
-    zu, zl, su, sl = st.zu, st.zl, st.su, st.sl
-    D = fu * zu / su + fl * zl / sl
+    where ``W ≪ δ``) only degrades the directions; polishing finishes the job exactly.
+
+    Per side ``k`` (sign ``σ_k``): ``ds_k = −r_k − σ_k G dx``, ``dz_k = −(r_c,k + z_k ds_k)/s_k``,
+    ``W⁻¹ = Σ_k z_k/s_k``, ``ρ = Σ_k σ_k (z_k r_k − r_c,k)/s_k``."""
+    f, sg = sides.mask, sides.sign
+    r_s = parts["r_s"]
+    z, s = st.z, st.s
+    ratio = f * z / s
+    D = ratio.sum(1)
     W = D.reciprocal().clamp_min(w_min)
+    share = ratio / D.unsqueeze(1)  # each side's part of W⁻¹
     fac = view.factor(W, reg)
     # the primal order's δ-penalized equality block needs refinement; the dual order's
     # regularization is negligible next to its floor w_min
@@ -353,71 +393,63 @@ def _step(view, st: _State, parts, res: Tensor, reg: float, tol: float, w_min: f
         regularization matters (``refine``). The step is kept only where it reduces the
         residual (where ``M`` is singular, e.g. more active constraints than unknowns,
         refinement would amplify its null space by 1/δ)."""
-        z = fac.solve_and_product(r1, r2, r3)
+        zz = fac.solve_and_product(r1, r2, r3)
         if not refine:
-            return z
-        res0 = _residual(view.kkt_product(W, *z[:3]), (r1, r2, r3))
+            return zz
+        res0 = _residual(view.kkt_product(W, *zz[:3]), (r1, r2, r3))
         d = fac.solve_and_product(*res0)
-        z1 = tuple(zi + di for zi, di in zip(z, d))
+        z1 = tuple(zi + di for zi, di in zip(zz, d))
         better = _norm(_residual(view.kkt_product(W, *z1[:3]), (r1, r2, r3))) < _norm(res0)
         keep = better.unsqueeze(-1)
-        return tuple(torch.where(keep, a, b) for a, b in zip(z1, z))
+        return tuple(torch.where(keep, a, b) for a, b in zip(z1, zz))
 
-    def direction(rc_u, rc_l, with_residuals: bool):
-        rho = fu * (zu * r_u - rc_u) / su - fl * (zl * r_l - rc_l) / sl if with_residuals else \
-            -fu * rc_u / su + fl * rc_l / sl
-        if with_residuals:
-            return solve(-parts["r_d"], -parts["r_e"], -W * rho)
-        zero = parts["r_d"].new_zeros(())
-        return solve(zero.expand_as(parts["r_d"]), zero.expand_as(parts["r_e"]), -W * rho)
-
-    share_u = fu * zu / su / (fu * zu / su + fl * zl / sl)  # each side's part of W⁻¹
-
-    def slacks_and_duals(Gdx, dmu, rc_u, rc_l, with_residuals: bool):
-        """``ds^±`` from ``G dx`` and ``dz^±`` from the complementarity rows, then ``dz⁺ − dz⁻``
+    def direction(rc: Tensor, residuals: bool):
+        """``(dx, dλ, dz, ds)`` for the complementarity residual ``rc`` (``residuals``: with the
+        primal-dual residuals, the predictor; without, the corrector's increment). ``dz`` is
         matched to the solve's ``dμ``, which keeps ``r_d`` linear: the floor ``w_min`` makes
-        the solve's ``dμ`` differ from ``W_true⁻¹ G dx + ρ``; the difference is split over the
-        two sides in proportion to their share of ``W⁻¹`` (all of it on one-sided rows)."""
-        ru, rl = (r_u, r_l) if with_residuals else (0.0, 0.0)
-        dsu, dsl = fu * (-ru - Gdx), fl * (Gdx - rl)
-        dzu = fu * (-rc_u - zu * dsu) / su
-        dzl = fl * (-rc_l - zl * dsl) / sl
-        gap = dmu - (dzu - dzl)
-        return dzu + fu * share_u * gap, dzl - fl * (1 - share_u) * gap, dsu, dsl
+        ``dμ`` differ from ``W_true⁻¹ G dx + ρ``; the difference is split over the sides in
+        proportion to their share of ``W⁻¹`` (all of it on one-sided rows)."""
+        rk = r_s if residuals else 0.0
+        rho = (sg * f * (z * rk - rc) / s).sum(1)
+        if residuals:
+            dx, dl, dmu, Gdx = solve(-parts["r_d"], -parts["r_e"], -W * rho)
+        else:
+            zero = parts["r_d"].new_zeros(())
+            dx, dl, dmu, Gdx = solve(zero.expand_as(parts["r_d"]), zero.expand_as(parts["r_e"]),
+                                     -W * rho)
+        ds = f * (-rk - sg * Gdx.unsqueeze(1))
+        dz = f * (-rc - z * ds) / s
+        mismatch = dmu - (sg * dz).sum(1)
+        return dx, dl, dz + sg * share * mismatch.unsqueeze(1), ds
 
-    rc_u, rc_l = fu * zu * su, fl * zl * sl  # predictor: σ = 0
-    dx, dl, dmu, Gdx = direction(rc_u, rc_l, True)
-    dzu, dzl, dsu, dsl = slacks_and_duals(Gdx, dmu, rc_u, rc_l, True)
-    count = (fu + fl).sum(-1).clamp_min(1)
-    masks = (fu, fu, fl, fl)
-    a_aff = _max_step(((su, dsu), (zu, dzu), (sl, dsl), (zl, dzl)), masks)
+    count = sides.count
+    dx, dl, dz, ds = direction(f * z * s, True)  # predictor: σ = 0
+    a_aff = torch.minimum(_max_step(s, ds, f), _max_step(z, dz, f))
     tau = parts["gap"] / count
 
     def complementarity(alpha: Tensor) -> Tensor:
         """The mean complementarity after a step of ``alpha`` along the current direction."""
-        a = alpha.unsqueeze(-1)
-        return (fu * (su + a * dsu) * (zu + a * dzu) + fl * (sl + a * dsl) * (zl + a * dzl)).sum(-1) / count
+        a = alpha.reshape(-1, 1, 1)
+        return (f * (s + a * ds) * (z + a * dz)).sum((1, 2)) / count
 
     tau_aff = complementarity(a_aff)
     sigma = (tau_aff / tau.clamp_min(torch.finfo(tau.dtype).tiny)).clamp(0, 1) ** 3
     floor = 0.1 * tol * parts["gap_scale"] / count
-    target = torch.maximum(sigma * tau, floor).unsqueeze(-1)
+    target = torch.maximum(sigma * tau, floor).reshape(-1, 1, 1)
     # the second-order term weighted by √a_aff (a safeguarded Mehrotra corrector): where the
     # affine direction is blocked early (a_aff ≪ 1, as on degenerate problems) its full
     # weight made the steps cycle, the gap growing every other iteration
-    a = a_aff.sqrt().unsqueeze(-1)
-    drc_u, drc_l = fu * (a * dsu * dzu - target), fl * (a * dsl * dzl - target)
-    cx, cl, cmu, Gcx = direction(drc_u, drc_l, False)
-    czu, czl, csu, csl = slacks_and_duals(Gcx, cmu, drc_u, drc_l, False)
-    dx, dl = dx + cx, dl + cl
-    dzu, dzl, dsu, dsl = dzu + czu, dzl + czl, dsu + csu, dsl + csl
+    a = a_aff.sqrt().reshape(-1, 1, 1)
+    cx, cl, cz, cs = direction(f * (a * ds * dz - target), False)
+    dx, dl, dz, ds = dx + cx, dl + cl, dz + cz, ds + cs
     eta = 1 - res.clamp(1e-4, 0.01)
-    alpha = eta * _max_step(((su, dsu), (zu, dzu), (sl, dsl), (zl, dzl)), masks)
+    alpha = eta * torch.minimum(_max_step(s, ds, f), _max_step(z, dz, f))
     # once the iterate is nearly feasible (residuals below the mean complementarity), back
     # off (halving, at most 6 times) while the step would raise the mean complementarity: on
     # degenerate problems a nearly singular system can give a long direction whose
     # second-order term α² ds∘dz outweighs the decrease, and the iterates then cycle
-    infeasibility = torch.stack([inf_norm(parts[k]) for k in ("r_d", "r_e", "r_u", "r_l")]).amax(0)
+    infeasibility = torch.stack([inf_norm(parts["r_d"]), inf_norm(parts["r_e"]),
+                                 inf_norm(r_s.flatten(1))]).amax(0)
     settled = infeasibility <= tau
     for _ in range(6):
         worse = settled & (complementarity(alpha) > tau)
@@ -425,4 +457,4 @@ def _step(view, st: _State, parts, res: Tensor, reg: float, tol: float, w_min: f
             break
         alpha = torch.where(worse, alpha / 2, alpha)
     ok = fac.ok & torch.isfinite(alpha)
-    return (dx, dl, dzu, dzl, dsu, dsl), torch.where(ok, alpha, 0.0), ok
+    return (dx, dl, dz, ds), torch.where(ok, alpha, 0.0), ok
