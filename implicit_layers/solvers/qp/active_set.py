@@ -83,8 +83,11 @@ class ActiveSetKKT:
     Attributes:
         upper, lower: ``(B, m)`` the active sides.
         ok: ``(B,)`` the factorization succeeded.
-        singular: ``(B,)`` refinement did not reach the exact ``K`` on the last solve: ``K``
-            is singular (or nearly) for that sample.
+        singular: ``(B,)`` ``K`` is singular (or nearly) for that sample: refinement did not
+            reach the exact ``K`` on the last solve or on a generic right-hand side (a probe
+            solved with the first solve; a consistent right-hand side, such as a cotangent
+            on ``x`` alone with duplicated constraints, is solved exactly by a singular ``K``
+            too, so its refinement alone cannot tell).
     """
 
     def __init__(self, problem: QPProblem, scaled: QPProblem, scaling: Scaling,
@@ -106,6 +109,7 @@ class ActiveSetKKT:
         self.max_refine = max_refine
         self.tol = torch.finfo(dtype).eps ** 0.75
         self.singular = torch.zeros_like(self.ok)
+        self.structural: Tensor | None = None  # the probe's verdict, after the first solve
 
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``K⁻¹ r`` in the problem's own units, refined against the exact ``K``, for
@@ -117,6 +121,11 @@ class ActiveSetKKT:
         S = self.scaling
         sig = S.sigma.unsqueeze(-1)
         r = (r1 * sig * S.D, r2 * S.E_A, r3 * S.E_G)
+        shape = r[0].shape[:-1]
+        probing = self.structural is None
+        if probing:  # one generic right-hand side more, stacked: inconsistent iff K is singular
+            r = tuple(torch.cat([ri.reshape(shape[:-1].numel(), *ri.shape[-2:]), pi.unsqueeze(0)])
+                      for ri, pi in zip(r, self._probe(), strict=True))
         z = self.fac.solve(*r)
         P = self.scaled
         threshold = self.tol * (_stacked_inf(r) + _data_norm(P) * _stacked_inf(z))
@@ -133,11 +142,24 @@ class ActiveSetKKT:
             dz = self.fac.solve(*res)
             keep = go.unsqueeze(-1)
             z = tuple(zi + torch.where(keep, di, 0.0) for zi, di in zip(z, dz, strict=True))
-        stuck = ~done
-        self.singular = (stuck.reshape(-1, stuck.shape[-1]).any(0) if stuck.ndim > 1 else stuck) & self.ok
+        stuck = (~done).reshape(-1, done.shape[-1])
+        if probing:
+            self.structural = stuck[-1] & self.ok
+            stuck = stuck[:-1]
+            z = tuple(zi[:-1].reshape(*shape, zi.shape[-1]) for zi in z)
+        self.singular = (stuck.any(0) | self.structural) & self.ok
         keep = self.ok.unsqueeze(-1)
         z = tuple(torch.where(keep, zi, 0.0) for zi in z)
         return z[0] * S.D, z[1] * S.E_A / sig, z[2] * S.E_G / sig
+
+    def _probe(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A fixed pseudo-random right-hand side ``(B, n), (B, p), (B, m)`` (generic: it
+        has a component outside the range of any singular ``K``)."""
+        B, (n, p, m) = self.problem.batch, self.problem.sizes
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn(B, n + p + m, generator=gen, dtype=self.problem.c.dtype)
+        v = v.to(self.problem.c.device)
+        return v[:, :n], v[:, n:n + p], v[:, n + p:]
 
     def polish(self) -> tuple[Tensor, Tensor, Tensor]:
         """The complementary point of this active set: ``K⁻¹ (−c; b; a⁺∘u + a⁻∘l)``."""
