@@ -98,3 +98,22 @@ def random_feasible_qps(gen: torch.Generator, B: int, n: int, m: int, p: int, si
     c = -((Q @ y0.unsqueeze(-1)).squeeze(-1) + (A.mT @ lam0.unsqueeze(-1)).squeeze(-1)
           + (G.mT @ mu0.unsqueeze(-1)).squeeze(-1))
     return Q, c, A, b, G, lower, upper
+
+
+def linprog_objective(c, A=None, b=None, G=None, lower=None, upper=None) -> float:
+    """The optimal value of ``min cᵀx s.t. Ax = b, lower ≤ Gx ≤ upper`` (x free) by
+    ``scipy.optimize.linprog`` (HiGHS); infinite bounds dropped."""
+    from scipy.optimize import linprog
+
+    c = np.asarray(c, float)
+    n = c.shape[0]
+    G = np.zeros((0, n)) if G is None else np.asarray(G, float)
+    upper = np.full(G.shape[0], np.inf) if upper is None else np.asarray(upper, float)
+    lower = np.full(G.shape[0], -np.inf) if lower is None else np.asarray(lower, float)
+    hu, hl = np.isfinite(upper), np.isfinite(lower)
+    res = linprog(c, A_ub=np.vstack([G[hu], -G[hl]]), b_ub=np.concatenate([upper[hu], -lower[hl]]),
+                  A_eq=None if A is None else np.asarray(A, float),
+                  b_eq=None if b is None else np.asarray(b, float),
+                  bounds=(None, None), method="highs")
+    assert res.status == 0, res.message
+    return float(res.fun)
