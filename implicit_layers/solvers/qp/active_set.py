@@ -31,8 +31,8 @@ loose ``tol`` cannot admit a wrong active set). Where it is not, up to :data:`CO
 primal-dual active-set updates (:func:`corrected`) are tried before giving up: the solver's
 stopping test bounds residuals and the gap, not the distance to the solution, and a point
 that is not polished keeps that distance (a random QP at n = 40 was 3e-5 away at a residual
-of 7e-10). A sample whose final point (multipliers zeroed off the active set) fails the
-test at ``tol`` is not ``SOLVED``.
+of 7e-10). A sample is ``SOLVED`` exactly when its final point (multipliers zeroed off
+the active set) passes the test at ``tol`` and its derivative system was factored.
 
 *Active set.* Row ``i`` is active on its upper side when ``μᵢ > 0`` and, in the equilibrated
 problem, the multiplier exceeds the slack: ``σμᵢ/E_i ≥ E_i sᵢ⁺`` (at an interior point's
@@ -242,8 +242,14 @@ def derivative_and_polish(problem: QPProblem, sol: QPSolution, slack_u: Tensor, 
     active = upper | lower
     mu = torch.where(active, mu, 0.0)  # exact complementarity off the active set
     residual = optimality_residual(problem, x, lam, mu)
-    # a solver's point whose classified-inactive multipliers mattered is not solved any more
-    status = torch.where((status == QPStatus.SOLVED) & ~(residual <= tol), QPStatus.MAX_ITER, status)
+    # SOLVED means the final point meets the test: a solver's point whose classified-inactive
+    # multipliers mattered fails it, one that stopped at its iteration cap (OSQP on a QP
+    # whose x is not unique) may pass it; and a sample without a derivative system is no
+    # solved sample (it would get zero gradients)
+    meets = residual <= tol
+    status = torch.where((status == QPStatus.SOLVED) & ~meets, QPStatus.MAX_ITER, status)
+    status = torch.where((status == QPStatus.MAX_ITER) & meets, QPStatus.SOLVED, status)
+    status = torch.where((status == QPStatus.SOLVED) & ~fac.ok, QPStatus.NUMERICAL, status)
     solved = status == QPStatus.SOLVED
     sol.stats.converged = solved
     sol.stats.extra["status"] = status
