@@ -77,22 +77,10 @@ class OSQP(QPSolver):
         check_positive("eps_rel", eps_rel, allow_zero=True)
         check_count("max_iter", max_iter)
         check_positive("tol", tol)
-        self.settings = dict(eps_abs=eps_abs, eps_rel=eps_rel, max_iter=max_iter, polishing=True,
-                             verbose=False, **settings)
+        self.settings = {"polishing": True, "verbose": False, **settings, "eps_abs": eps_abs,
+                         "eps_rel": eps_rel, "max_iter": max_iter}
         self.tol = tol
-        self._validate()
-
-    def _validate(self) -> None:
-        """Run OSQP's own settings check on a one-variable problem."""
-        import osqp
-
-        one = sp.csc_matrix(np.ones((1, 1)))
-        try:
-            with _quiet():
-                osqp.OSQP().setup(P=one, q=np.zeros(1), A=one, l=-np.ones(1), u=np.ones(1),
-                                  **self.settings)
-        except Exception as err:  # OSQPException, ValueError, TypeError
-            raise ValueError(f"invalid OSQP settings {self.settings}: {err}") from err
+        validate_settings(self.settings)
 
     def solve(self, problem: QPProblem, detect_infeasibility: bool = True) -> QPSolution:
         import osqp
@@ -148,6 +136,19 @@ class OSQP(QPSolver):
         if detect_infeasibility:
             mark_infeasible(self, P, sol.status, tol)
         return sol
+
+
+def validate_settings(settings: dict) -> None:
+    """Run OSQP's own settings check on a one-variable problem: ``ValueError`` naming the
+    settings instead of OSQP's exception."""
+    import osqp
+
+    one = sp.csc_matrix(np.ones((1, 1)))
+    try:
+        with _quiet():
+            osqp.OSQP().setup(P=one, q=np.zeros(1), A=one, l=-np.ones(1), u=np.ones(1), **settings)
+    except Exception as err:  # OSQPException, ValueError, TypeError
+        raise ValueError(f"invalid OSQP settings {settings}: {err}") from err
 
 
 def _run(osqp, data: dict, settings: dict):
