@@ -117,3 +117,27 @@ def linprog_objective(c, A=None, b=None, G=None, lower=None, upper=None) -> floa
                   bounds=(None, None), method="highs")
     assert res.status == 0, res.message
     return float(res.fun)
+
+
+def closest_feasible_reference(Q, c, A, b, G, lower, upper):
+    """proxsuite's closest feasible QP by its definition, with Clarabel: the least-norm shift
+    ``s* = argmin ½‖(s_E, s_U, s_L)‖² s.t. ∃x: Ax = b + s_E, l − s_L ≤ Gx ≤ u + s_U`` (each
+    side relaxed on its own; absent sides get no shift), then the QP with shifted constraints.
+    NumPy float64 in and out: ``(x, s*)`` with ``s* = (s_E, s_U, s_L)``."""
+    n, p, m = c.shape[0], A.shape[0], G.shape[0]
+    N = n + p + 2 * m
+    Q1 = np.zeros((N, N))
+    Q1[n:, n:] = np.eye(p + 2 * m)
+    A1 = np.hstack([A, -np.eye(p), np.zeros((p, 2 * m))])
+    G_up = np.hstack([G, np.zeros((m, p)), -np.eye(m), np.zeros((m, m))])
+    G_lo = np.hstack([G, np.zeros((m, p)), np.zeros((m, m)), np.eye(m)])
+    inf = np.full(m, np.inf)
+    z, _, _, status = clarabel_qp(Q1, np.zeros(N), A1, b, np.vstack([G_up, G_lo]),
+                                  np.concatenate([-inf, lower]), np.concatenate([upper, inf]))
+    assert status in ("Solved", "AlmostSolved"), status
+    s = z[n:]
+    s[p:p + m][~np.isfinite(upper)] = 0.0
+    s[p + m:][~np.isfinite(lower)] = 0.0
+    x, _, _, status = clarabel_qp(Q, c, A, b + s[:p], G, lower - s[p + m:], upper + s[p:p + m])
+    assert status in ("Solved", "AlmostSolved"), status
+    return x, s
