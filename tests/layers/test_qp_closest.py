@@ -108,7 +108,7 @@ def test_feasible_samples_of_a_mixed_batch_are_solved_as_if_alone(backend, probl
     assert status[0::2].tolist() == [il.QPStatus.SOLVED] * 9
     assert status[1::2].tolist() == [il.QPStatus.CLOSEST_FEASIBLE] * 9
     assert float(stats.extra["shift"][0::2].abs().max()) == 0.0
-    torch.testing.assert_close(x_mix[0::2], x_alone, atol=1e-12, rtol=0)
+    torch.testing.assert_close(x_mix[0::2], x_alone, atol=1e-10, rtol=0)  # up to round-off
     for gm, ga in zip(g_mix, g_alone, strict=True):
         torch.testing.assert_close(gm[0::2], ga, atol=1e-10, rtol=1e-10)
 
