@@ -23,6 +23,7 @@ from implicit_layers.layers.eq_qp.dense import KKTFactorization, sym
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.kkt.equality import factor_kkt
 from implicit_layers.solvers.base import SolveResult
+from implicit_layers.solvers.qp.osqp import validate_settings
 from implicit_layers.stats import SolverStats
 
 
@@ -71,6 +72,7 @@ class OSQPBackend:
         self.on_failure = check_policy(on_failure)
         self.settings = {"verbose": False, "polishing": True, **settings,
                          "eps_abs": eps_abs, "eps_rel": eps_rel, "max_iter": max_iter}
+        validate_settings(self.settings)  # ValueError now, not OSQP's exception at the first call
         self.warm_start, self.refine = warm_start, refine
         self._previous: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -95,7 +97,11 @@ class OSQPBackend:
         for k in range(count):
             P = sp.triu(sp.csc_matrix((Qs[k] + Qs[k].T) / 2), format="csc")
             solver = osqp.OSQP()
-            solver.setup(P, cs[k], sp.csc_matrix(As[k]), bs[k], bs[k], **self.settings)
+            try:
+                solver.setup(P, cs[k], sp.csc_matrix(As[k]), bs[k], bs[k], **self.settings)
+            except osqp.OSQPException as err:  # data validation or a non-convex KKT matrix
+                raise ValueError(f"OSQP rejected problem {k} of the batch (error {err}): Q must be "
+                                 f"positive semidefinite and the data finite") from err
             if warm is not None:
                 solver.warm_start(x=warm[0][k], y=warm[1][k])
             out = solver.solve(raise_error=False)

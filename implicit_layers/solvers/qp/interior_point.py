@@ -270,6 +270,8 @@ def _initial_point(view, P: QPProblem, sides: _Sides, reg: float) -> _State:
     sg = sides.sign
 
     def shift(v: Tensor) -> Tensor:  # positive on the present sides, preserving differences
+        if v.shape[-1] == 0:  # no inequality constraints
+            return v
         worst = torch.where(f > 0, -v, torch.full_like(v, -float("inf"))).amax(-1, keepdim=True)
         worst = torch.where(torch.isfinite(worst), worst, torch.zeros_like(worst))
         return torch.where(worst >= 0, v + 1 + worst, v)

@@ -27,7 +27,7 @@ import torch
 from implicit_layers.checks import check_count, check_positive
 from implicit_layers.solvers.qp.active_set import derivative_and_polish
 from implicit_layers.solvers.qp.base import QPSolution, QPSolver, QPStatus
-from implicit_layers.solvers.qp.feasibility import mark_infeasible
+from implicit_layers.solvers.qp.feasibility import infeasible, mark_infeasible
 from implicit_layers.solvers.qp.problem import QPProblem
 from implicit_layers.stats import SolverStats
 
@@ -77,22 +77,10 @@ class OSQP(QPSolver):
         check_positive("eps_rel", eps_rel, allow_zero=True)
         check_count("max_iter", max_iter)
         check_positive("tol", tol)
-        self.settings = dict(eps_abs=eps_abs, eps_rel=eps_rel, max_iter=max_iter, polishing=True,
-                             verbose=False, **settings)
+        self.settings = {"polishing": True, "verbose": False, **settings, "eps_abs": eps_abs,
+                         "eps_rel": eps_rel, "max_iter": max_iter}
         self.tol = tol
-        self._validate()
-
-    def _validate(self) -> None:
-        """Run OSQP's own settings check on a one-variable problem."""
-        import osqp
-
-        one = sp.csc_matrix(np.ones((1, 1)))
-        try:
-            with _quiet():
-                osqp.OSQP().setup(P=one, q=np.zeros(1), A=one, l=-np.ones(1), u=np.ones(1),
-                                  **self.settings)
-        except Exception as err:  # OSQPException, ValueError, TypeError
-            raise ValueError(f"invalid OSQP settings {self.settings}: {err}") from err
+        validate_settings(self.settings)
 
     def solve(self, problem: QPProblem, detect_infeasibility: bool = True) -> QPSolution:
         import osqp
@@ -106,15 +94,16 @@ class OSQP(QPSolver):
         xs, ys = np.zeros((B, n)), np.zeros((B, p + m))
         status, iters = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
         for i in range(B):
-            solver = osqp.OSQP()
-            try:
-                with _quiet():
-                    solver.setup(P=sp.triu(sp.csc_matrix(Q[i]), format="csc"), q=c[i],
-                                 A=sp.csc_matrix(np.vstack([A[i], G[i]])),
-                                 l=np.concatenate([b[i], lo[i]]), u=np.concatenate([b[i], up[i]]),
-                                 **self.settings)
-                    res = solver.solve(raise_error=False)
-            except Exception:  # a numerical failure of setup (e.g. huge values)
+            data = dict(P=sp.triu(sp.csc_matrix(Q[i]), format="csc"), q=c[i],
+                        A=sp.csc_matrix(np.vstack([A[i], G[i]])),
+                        l=np.concatenate([b[i], lo[i]]), u=np.concatenate([b[i], up[i]]))
+            res = _run(osqp, data, self.settings)
+            if res is not None and _STATUS.get(int(res.info.status_val)) == QPStatus.INFEASIBLE:
+                # OSQP's certificate test fired on feasible (degenerate) problems: once more
+                # with a 100× tighter certificate tolerance; the claim is confirmed below
+                strict = self.settings.get("eps_prim_inf", 1e-4) * 1e-2
+                res = _run(osqp, data, {**self.settings, "eps_prim_inf": strict}) or res
+            if res is None:  # a numerical failure of setup (e.g. huge values)
                 status[i] = QPStatus.NUMERICAL
                 continue
             status[i] = _STATUS.get(int(res.info.status_val), QPStatus.NUMERICAL)
@@ -123,6 +112,11 @@ class OSQP(QPSolver):
                 xs[i], ys[i] = res.x, res.y
             elif status[i] in (QPStatus.SOLVED, QPStatus.MAX_ITER):
                 status[i] = QPStatus.NUMERICAL
+        tol = self.tol if self.tol is not None else (1e-9 if dtype == torch.float64 else 1e-5)
+        claimed = np.nonzero(status == QPStatus.INFEASIBLE)[0]
+        if claimed.size and detect_infeasibility:  # a claim stands if the least-norm shift is nonzero
+            shifted = infeasible(self, P.select(torch.as_tensor(claimed, device=device)), tol)
+            status[claimed[~shifted.cpu().numpy()]] = QPStatus.MAX_ITER
         Gx = np.einsum("bmn,bn->bm", G, xs)
         to = dict(dtype=dtype, device=device)
         x, y = torch.as_tensor(xs, **to), torch.as_tensor(ys, **to)
@@ -133,7 +127,6 @@ class OSQP(QPSolver):
                             evaluations=B)
         stats.extra["status"] = status_t
         sol = QPSolution(x, y[:, :p], y[:, p:], status_t, stats)
-        tol = self.tol if self.tol is not None else (1e-9 if dtype == torch.float64 else 1e-5)
         # the derivative system and polishing in float64, like the solve (see InteriorPoint)
         P64 = P.to(torch.float64)
         sol64 = QPSolution(*(t.double() for t in (sol.x, sol.lam, sol.mu)), sol.status, sol.stats)
@@ -143,6 +136,31 @@ class OSQP(QPSolver):
         if detect_infeasibility:
             mark_infeasible(self, P, sol.status, tol)
         return sol
+
+
+def validate_settings(settings: dict) -> None:
+    """Run OSQP's own settings check on a one-variable problem: ``ValueError`` naming the
+    settings instead of OSQP's exception."""
+    import osqp
+
+    one = sp.csc_matrix(np.ones((1, 1)))
+    try:
+        with _quiet():
+            osqp.OSQP().setup(P=one, q=np.zeros(1), A=one, l=-np.ones(1), u=np.ones(1), **settings)
+    except Exception as err:  # OSQPException, ValueError, TypeError
+        raise ValueError(f"invalid OSQP settings {settings}: {err}") from err
+
+
+def _run(osqp, data: dict, settings: dict):
+    """One OSQP solve of ``data`` (``P, q, A, l, u``), silenced; None if setup or solve
+    raised (e.g. huge values)."""
+    try:
+        with _quiet():
+            solver = osqp.OSQP()
+            solver.setup(**data, **settings)
+            return solver.solve(raise_error=False)
+    except Exception:
+        return None
 
 
 def _check_convex(Q: np.ndarray) -> None:
