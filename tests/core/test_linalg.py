@@ -34,9 +34,12 @@ def test_krylov_stops_per_sample():
     A, b = _system(B=3)
     A[0] = torch.eye(A.shape[-1], dtype=DT)  # converges in one step
     fac = il.GMRES(rtol=1e-12).factor(LinearOperator.from_dense(A))
-    fac.solve(b)
-    assert fac.stats.iterations[0] == 1
-    assert fac.stats.iterations[1:].min() > 1
+    x = fac.solve(b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), atol=1e-9, rtol=0)
+    # the identity's sample is done after a step or two (round-off may ask for a restart);
+    # the others go on without it, and it does not wait for them
+    its = fac.stats.iterations
+    assert its[0] <= 2 and bool((its[1:] > its[0]).all())
 
 
 def test_krylov_reports_non_convergence():

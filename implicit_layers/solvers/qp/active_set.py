@@ -105,9 +105,10 @@ class ActiveSetKKT:
         self.active = active
         self.G_active = scaled.G * active.unsqueeze(-1)
         self.w = (1 - active) * scaling.E_G ** 2 / scaling.sigma.unsqueeze(-1)
-        if system is not None:
-            self.fac = system.masked(upper | lower).factor(self.w, reg)
-        else:
+        self.fac = None if system is None else system.masked(upper | lower).factor(self.w, reg)
+        if self.fac is None or not bool(self.fac.ok.all()):
+            # the reduced order needs independent active rows (an LP-like vertex with a
+            # tiny Q has dependent ones); the regularized primal order does not
             kkt = PrimalKKT(scaled.Q, scaled.A, self.G_active, rho=reg, delta=reg)
             self.fac = kkt.factor(self.w)
         self.ok = self.fac.ok
@@ -210,6 +211,10 @@ def derivative_and_polish(problem: QPProblem, sol: QPSolution, slack_u: Tensor, 
                                      *wide.equilibrated(), None,
                                      torch.finfo(torch.float64).eps ** 0.6, tol,
                                      polish).to(problem.c.dtype)
+    # the derivative system's regularization is at least ε^0.6, whatever the solver's own
+    # (the dual order iterates at 1e-12 behind a floor on W; K has W = 0 on active rows, and a
+    # tinier one hides a singular K from the probe and leaves its factorization to rounding)
+    reg = max(reg, torch.finfo(problem.c.dtype).eps ** 0.6)
     E, sigma = scaling.E_G, scaling.sigma.unsqueeze(-1)
     first = classify(sol.mu * sigma / E, slack_u * E, slack_l * E, problem)
     upper, lower = first
@@ -297,13 +302,18 @@ def _polished(fac: ActiveSetKKT, problem: QPProblem, sol: QPSolution, usable: Te
 def _accept(problem: QPProblem, candidate, current, eligible: Tensor, fac: ActiveSetKKT,
             tol: float):
     """``current`` replaced by ``candidate`` where it is optimal to ``tol`` with multipliers
-    of the right signs on ``fac``'s active sides; also returns where it was."""
+    of the right signs on ``fac``'s active sides (wrong-signed ones within ``tol`` of 0 are
+    set to 0 and must pass the test so); also returns where it was."""
     xc, lc, mc = candidate
-    right_sign = ((mc >= 0) | ~fac.upper) & ((mc <= 0) | ~fac.lower)
-    res = optimality_residual(problem, xc, lc, torch.where(right_sign, mc, 0.0))
-    accept = eligible & right_sign.all(-1) & (res <= tol) & torch.isfinite(res)
+    # signs up to round-off: a weakly active constraint's multiplier is 0 up to ±ε‖μ‖ (with
+    # a non-unique x, as cvxpy's epigraph variables, only that set may reach the solution)
+    slack = (tol * (1 + inf_norm(mc))).unsqueeze(-1)
+    signed = torch.where(fac.upper, mc.clamp_min(0), torch.where(fac.lower, mc.clamp_max(0), mc))
+    right_sign = ((signed - mc).abs() <= slack).all(-1)
+    res = optimality_residual(problem, xc, lc, signed)
+    accept = eligible & right_sign & (res <= tol) & torch.isfinite(res)
     keep = accept.unsqueeze(-1)
-    point = tuple(torch.where(keep, c, o) for c, o in zip(candidate, current, strict=True))
+    point = tuple(torch.where(keep, c, o) for c, o in zip((xc, lc, signed), current, strict=True))
     return point, accept
 
 

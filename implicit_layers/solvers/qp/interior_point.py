@@ -446,13 +446,14 @@ def _step(view, sides: _Sides, st: _State, parts, res: Tensor, reg: float, tol: 
     dx, dl, dz, ds = dx + cx, dl + cl, dz + cz, ds + cs
     eta = 1 - res.clamp(1e-4, 0.01)
     alpha = eta * torch.minimum(_max_step(s, ds, f), _max_step(z, dz, f))
-    # once the iterate is nearly feasible (residuals below the mean complementarity), back
-    # off (halving, at most 6 times) while the step would raise the mean complementarity: on
+    # once the iterate is nearly feasible (residuals below the mean complementarity) and
+    # near the end (measure ≤ 1e-3: early on, with a far bound's large initial gap, backing
+    # off froze the iterate for dozens of steps), back off (halving, at most 6 times) while the step would raise the mean complementarity: on
     # degenerate problems a nearly singular system can give a long direction whose
     # second-order term α² ds∘dz outweighs the decrease, and the iterates then cycle
     infeasibility = torch.stack([inf_norm(parts["r_d"]), inf_norm(parts["r_e"]),
                                  inf_norm(r_s.flatten(1))]).amax(0)
-    settled = infeasibility <= tau
+    settled = (infeasibility <= tau) & (res <= 1e-3)
     for _ in range(6):
         worse = settled & (complementarity(alpha) > tau)
         if not bool(worse.any()):
