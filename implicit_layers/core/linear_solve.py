@@ -118,6 +118,10 @@ class LinearSolve(torch.autograd.Function):
             return LinearSolve.apply(problem, transpose, rhs, *z), 0
         n_x = problem.n_x
         y_dim = z_dims[n_x]
+        # rhs is (V, *extra, *y) with extra leading dims (several cotangents, as in jacrev);
+        # the vmapped problem's batch is (V, *y's batch), and its solves take (*extra, V, *y).
+        extra = rhs.ndim - 1 - (z[n_x].ndim - (y_dim is not None))
+        rhs = rhs.movedim(0, extra)
         y = z[n_x].movedim(y_dim, 0) if y_dim is not None else z[n_x].expand(V, *z[n_x].shape)
         others = z[:n_x] + z[n_x + 1:]
         other_dims = z_dims[:n_x] + z_dims[n_x + 1:]
@@ -130,4 +134,4 @@ class LinearSolve(torch.autograd.Function):
             xs, params = moved[:n_x], moved[n_x:]
         dims = tuple(0 if (d is not None or i == n_x) else None for i, d in enumerate(z_dims))
         vproblem = problem.vmapped(dims, info.randomness)
-        return LinearSolve.apply(vproblem, transpose, rhs, *xs, y, *params), 0
+        return LinearSolve.apply(vproblem, transpose, rhs, *xs, y, *params), extra
