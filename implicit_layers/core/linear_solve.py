@@ -24,6 +24,7 @@ from torch import Tensor
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linearization import Linearization
 from implicit_layers.core.problem import ImplicitProblem, align_batch_dims
+from implicit_layers.errors import attributed
 from implicit_layers.stats import enforce
 
 
@@ -69,9 +70,10 @@ class LinearSolve(torch.autograd.Function):
     @staticmethod
     def forward(problem: ImplicitProblem, transpose: bool, rhs: Tensor, *z: Tensor) -> Tensor:
         lin = Linearization(problem, z)
-        sol, stats = problem.adjoint.solve(lin, rhs, transpose)
         phase, what = ("backward", "adjoint solve (∂f/∂y)ᵀ w = ȳ") if transpose else (
             "tangent", "tangent solve (∂f/∂y) ẏ = −(∂f/∂x) ẋ")
+        with attributed(problem.name, what):
+            sol, stats = problem.adjoint.solve(lin, rhs, transpose)
         setattr(problem.stats, phase, enforce(stats, problem.on_failure, f"{problem.name}: {what}"))
         return sol.clone() if any(sol is t for t in (rhs, *z)) else sol
 

@@ -17,6 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import all_finite
+from implicit_layers.compat import is_wrapped
+from implicit_layers.errors import ConvergenceError
 from implicit_layers.linalg.base import Factorization, LinearOperator, LinearSolver
 from implicit_layers.stats import SolverStats
 
@@ -68,7 +71,12 @@ class KrylovFactorization(Factorization):
         flat = b.reshape(-1, shape[-1])
 
         def mv(v: Tensor) -> Tensor:
-            return self.op.matvec(v.reshape(shape), transpose).reshape(flat.shape)
+            out = self.op.matvec(v.reshape(shape), transpose).reshape(flat.shape)
+            if not is_wrapped(out) and not all_finite(out):  # stop before LAPACK sees NaN
+                raise ConvergenceError(
+                    f"{self.solver.name}: the operator returned NaN/Inf (its matrix has NaN/Inf "
+                    f"entries: the function is not differentiable there, or overflows)")
+            return out
 
         x, self.stats = self.solver.run(mv, flat)
         self.stats.iterations = self.stats.iterations.reshape(shape[:-1])
