@@ -24,7 +24,11 @@ def is_wrapped(t: Tensor) -> bool:
 
     Why: value checks (``bool(isfinite(t).all())``) are data-dependent control flow, which
     ``vmap`` forbids, and factorizations computed from wrappers must not be cached across
-    transform levels. No public API tells a wrapper apart (torch 2.13)."""
+    transform levels. No public API tells a wrapper apart (torch 2.13). While
+    ``torch.compile`` traces, the answer is False without the call, which the compiler
+    cannot trace (a graph break and a warning per call site)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
