@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.checks import all_finite
+from implicit_layers.checks import all_finite, check_positive
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization, LinearOperator, LinearSolver
 from implicit_layers.stats import SolverStats
@@ -95,7 +95,7 @@ class LU(LinearSolver):
     """
 
     def __init__(self, rcond: float | None = None):
-        self.rcond = rcond
+        self.rcond = check_positive("rcond", rcond, allow_zero=True)
 
     def factor(self, op: LinearOperator | Tensor, what: str = "the linear system") -> LUFactorization:
         A = op if isinstance(op, Tensor) else op.to_dense()
@@ -124,7 +124,7 @@ class Cholesky(LinearSolver):
     tensor([1.0000, 1.0000], dtype=torch.float64)"""
 
     def __init__(self, rcond: float | None = None):
-        self.rcond = rcond
+        self.rcond = check_positive("rcond", rcond, allow_zero=True)
 
     def factor(self, op: LinearOperator | Tensor, what: str = "the linear system") -> CholeskyFactorization:
         A = op if isinstance(op, Tensor) else op.to_dense()

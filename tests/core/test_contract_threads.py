@@ -62,13 +62,13 @@ def test_four_threads_sum_the_single_thread_gradients(make):
         layer.zero_grad()
         errors = []
 
-        def work(x):
+        def work(x, errors):
             try:
                 _run(layer, x)
             except BaseException as err:  # noqa: BLE001 (reported below)
                 errors.append(err)
 
-        threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
+        threads = [threading.Thread(target=work, args=(x, errors)) for x in inputs]
         for t in threads:
             t.start()
         for t in threads:
