@@ -22,12 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from implicit_layers.checks import check_same_dtype_device, check_tensor
+
 
 def _fortran_flat(t: Tensor, event_ndim: int) -> Tensor:
     """Flatten the last ``event_ndim`` dims in column-major order (cvxpy's layout)."""
     lead = t.ndim - event_ndim
     perm = (*range(lead), *reversed(range(lead, t.ndim)))
-    return t.permute(perm).reshape(*t.shape[:lead], -1)
+    return t.permute(perm).reshape(*t.shape[:lead], t.shape[lead:].numel())  # B = 0 too
 
 
 def _fortran_unflat(t: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -110,13 +112,18 @@ class CvxpyQPLayer(nn.Module):
             raise ValueError(f"expected {len(self.params)} parameter tensors, got {len(params)}")
         flats = []
         for t, p in zip(params, self.params, strict=True):
-            if not isinstance(t, Tensor) or tuple(t.shape[t.ndim - len(p.shape):]) != p.shape \
-                    or t.ndim < len(p.shape):
+            check_tensor(p.name(), t)  # the parameter's own name, not the QP data's
+            if tuple(t.shape[t.ndim - len(p.shape):]) != p.shape or t.ndim < len(p.shape):
                 raise ValueError(f"parameter {p.name()} must have shape (*batch, {p.shape}), "
-                                 f"got {tuple(getattr(t, 'shape', ()))}")
+                                 f"got {tuple(t.shape)}")
             flats.append(_fortran_flat(t, len(p.shape)) if p.shape else t.unsqueeze(-1))
+        check_same_dtype_device({p.name(): t for t, p in zip(params, self.params, strict=True)})
         ref = params[0]
-        batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flats))
+        try:
+            batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flats))
+        except RuntimeError as err:
+            listed = ", ".join(f"{p.name()} {tuple(f.shape[:-1])}" for f, p in zip(flats, self.params))
+            raise ValueError(f"batch dims do not broadcast: {listed}") from err
         order = sorted(range(len(flats)), key=lambda i: self.cols[i])  # cvxpy's column order
         parts = [flats[i].expand(*batch, flats[i].shape[-1]) for i in order]
         theta = torch.cat([*parts, ref.new_ones(*batch, 1)], -1)
