@@ -228,6 +228,8 @@ def _initial_point(view, P: QPProblem, reg: float) -> _State:
     x, lam, mu, Gx = fac.solve_and_product(-view.c, P.b, target)
 
     def shift(v: Tensor, mask: Tensor) -> Tensor:  # positive, preserving differences
+        if v.shape[-1] == 0:  # no inequality rows (an equality-only QP)
+            return v
         worst = torch.where(mask > 0, -v, torch.full_like(v, -float("inf"))).amax(-1, keepdim=True)
         worst = torch.where(torch.isfinite(worst), worst, torch.zeros_like(worst))
         return torch.where(worst >= 0, v + 1 + worst, v)
