@@ -33,8 +33,9 @@ ADVICE = {
     QPStatus.UNBOUNDED: "unbounded (the objective decreases without bound along a feasible "
                         "direction where Q is singular)",
     QPStatus.MAX_ITER: "not solved to tolerance within max_iter (raise max_iter or loosen tol)",
-    QPStatus.NUMERICAL: "numerical failure (a factorization failed or an iterate overflowed; "
-                        "check the data's scale and conditioning)",
+    QPStatus.NUMERICAL: "numerical failure (a factorization failed or an iterate overflowed: "
+                        "is Q positive semidefinite? check also the data's scale and "
+                        "conditioning)",
 }
 
 
