@@ -25,9 +25,15 @@ def _per_sample(case):
     return lambda *xs: model(*xs)
 
 
+def _stack(outs):
+    """Stack per-sample results (tensors, or nested tuples of them) along a new dim 0."""
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs)
+    return tuple(_stack([o[k] for o in outs]) for k in range(len(outs[0])))
+
+
 def _loop(T, xs):
-    outs = [T(*(x[i] for x in xs)) for i in range(B)]
-    return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+    return _stack([T(*(x[i] for x in xs)) for i in range(B)])
 
 
 @pytest.mark.parametrize("transform", [jacrev, jacfwd, hessian], ids=lambda t: t.__name__)
