@@ -24,7 +24,11 @@ def is_wrapped(t: Tensor) -> bool:
 
     Why: value checks (``bool(isfinite(t).all())``) are data-dependent control flow, which
     ``vmap`` forbids, and factorizations computed from wrappers must not be cached across
-    transform levels. No public API tells a wrapper apart (torch 2.13)."""
+    transform levels. No public API tells a wrapper apart (torch 2.13). While
+    ``torch.compile`` traces, the answer is False without the call, which the compiler
+    cannot trace (a graph break and a warning per call site)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
@@ -86,3 +90,23 @@ def compiler_disable(fn):
     change its arithmetic, i.e. run a different algorithm than eager; an implicit layer's
     solve must stay opaque to the compiler. ``torch.compiler.disable`` is public since 2.1."""
     return torch.compiler.disable(fn, recursive=True)
+
+
+@contextmanager
+def mutation_explained(name: str) -> Iterator[None]:
+    """Turn torch.func's refusal of a residual that writes a captured tensor in place into a
+    ``ValueError`` that names the likely cause.
+
+    Why: derivatives of residuals are taken with ``torch.func`` transforms, which raise a
+    ``RuntimeError`` ("attempted to call in-place operation ... that would mutate a captured
+    Tensor", torch 2.13) when the residual updates state, e.g. BatchNorm's running statistics
+    in training mode. The message is the only way to tell that error apart."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "in-place operation" not in str(err) or "captured Tensor" not in str(err):
+            raise
+        raise ValueError(
+            f"{name}: the residual updates a tensor in place (e.g. BatchNorm's running "
+            f"statistics in training mode), which its derivatives cannot follow; put such "
+            f"modules in eval mode or use BatchNorm(track_running_stats=False)") from err

@@ -7,6 +7,9 @@ with the offending argument named in the message.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class ImplicitLayerError(RuntimeError):
     """Base class of every error specific to implicit layers."""
@@ -30,3 +33,16 @@ class SingularSystemError(ImplicitLayerError):
 
 class ConvergenceWarning(UserWarning):
     """Issued instead of :class:`ConvergenceError` when ``on_failure="warn"``."""
+
+
+@contextmanager
+def attributed(name: str, what: str) -> Iterator[None]:
+    """Prefix the message of an :class:`ImplicitLayerError` raised inside with ``name: what:``
+    (unless it already names ``name``): a solver's error then says which layer's solve failed.
+    The exception keeps its type and attributes."""
+    try:
+        yield
+    except ImplicitLayerError as err:
+        if err.args and not str(err.args[0]).startswith(f"{name}:"):
+            err.args = (f"{name}: {what}: {err.args[0]}", *err.args[1:])
+        raise

@@ -30,6 +30,15 @@ from implicit_layers.solvers.picard import Picard
 from implicit_layers.stats import SolverStats
 
 
+def _instance(name: str, value, kind: type, default: type):
+    """``value``, or a ``default()`` when None; ``ValueError`` unless it is a ``kind``."""
+    if value is None:
+        return default()
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a {kind.__name__} instance, got {value!r}")
+    return value
+
+
 class Adjoint(ABC):
     """Solves ``J v = b`` or ``Jᵀ v = b`` at the solution of the forward problem.
 
@@ -74,7 +83,7 @@ class DirectAdjoint(Adjoint):
     """
 
     def __init__(self, solver: LinearSolver | None = None):
-        self.solver = solver if solver is not None else LU()
+        self.solver = _instance("solver", solver, LinearSolver, LU)
         if not self.solver.needs_dense:
             raise ValueError("DirectAdjoint needs a dense solver (LU, Cholesky); "
                              "use KrylovAdjoint for matrix-free solvers")
@@ -109,7 +118,7 @@ class KrylovAdjoint(Adjoint):
     """
 
     def __init__(self, solver: KrylovSolver | None = None):
-        self.solver = solver if solver is not None else GMRES()
+        self.solver = _instance("solver", solver, KrylovSolver, GMRES)
 
     def solve(self, lin, rhs, transpose):
         fac = self.solver.factor(lin.operator())
@@ -139,7 +148,7 @@ class FixedPointAdjoint(Adjoint):
     """
 
     def __init__(self, solver: RootSolver | None = None):
-        self.solver = solver if solver is not None else Picard()
+        self.solver = _instance("solver", solver, RootSolver, Picard)
 
     def solve(self, lin, rhs, transpose):
         op = lin.operator()

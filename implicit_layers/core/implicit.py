@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from implicit_layers.checks import all_finite, check_tensor
-from implicit_layers.compat import any_wrapped
+from implicit_layers.compat import any_wrapped, mutation_explained
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linear_solve import LinearSolve
 from implicit_layers.core.problem import ImplicitProblem, align_batch_dims
-from implicit_layers.errors import ConvergenceError
+from implicit_layers.errors import ConvergenceError, attributed
 from implicit_layers.solvers.base import RootProblem
 from implicit_layers.stats import SolverStats, enforce
 
@@ -64,13 +64,19 @@ class ImplicitFunction(torch.autograd.Function):
             if problem.objective_fn is not None else None,
             data=xs,
         )
-        result = problem.solver.solve(root, y0)
+        try:
+            with mutation_explained(problem.name), attributed(problem.name, "forward solve"):
+                result = problem.solver.solve(root, y0)
+        except ConvergenceError:  # coupled samples would explain the failure: say so instead
+            if problem.sample_check is not None:
+                problem.sample_check(root.residual, y0)
+            raise
+        if problem.sample_check is not None:  # before any derivative is taken at y, and
+            problem.sample_check(root.residual, result.y)  # before a failure is reported
         problem.stats.forward = enforce(result.stats, problem.on_failure,
                                         f"{problem.name}: forward solve f(x, y) = 0")
         problem.aux = result.aux  # e.g. a factorization at y*, which the adjoint reuses
         y = result.y
-        if problem.sample_check is not None:  # before any derivative is taken at y
-            problem.sample_check(root.residual, y)
         if any(y is t for t in (y0, *tensors)):  # autograd needs a fresh output tensor
             y = y.clone()
         return y
@@ -99,10 +105,11 @@ class ImplicitFunction(torch.autograd.Function):
         if z[problem.n_x].numel() == 0:  # an empty solution depends on nothing
             return None, None, *(torch.zeros_like(t) if need else None
                                  for t, need in zip(z[:problem.n_x] + z[problem.n_x + 1:], needs))
-        w = LinearSolve.apply(problem, True, y_bar, *z)  # Jᵀ w = ȳ
         wrt = tuple(i for i in range(len(z)) if i != problem.n_x)  # every input but y
         wanted = tuple(i for i, need in zip(wrt, needs) if need)
-        grads = _input_pullback(problem, z, w, wanted)  # z̄ = −(∂f/∂z)ᵀ w
+        with mutation_explained(problem.name):
+            w = LinearSolve.apply(problem, True, y_bar, *z)  # Jᵀ w = ȳ
+            grads = _input_pullback(problem, z, w, wanted)  # z̄ = −(∂f/∂z)ᵀ w
         _check_finite_gradients(problem, y_bar, grads)
         return None, None, *(grads.get(i) for i in wrt)
 
@@ -117,10 +124,10 @@ class ImplicitFunction(torch.autograd.Function):
         if z[problem.n_x].numel() == 0:
             return torch.zeros_like(z[problem.n_x])
         idx, dots = zip(*moving)
-        _, f_dot = jvp(
-            lambda *zs: problem.residual_of_z(*_put(z, idx, zs)), tuple(z[i] for i in idx), dots
-        )
-        return LinearSolve.apply(problem, False, -f_dot, *z)  # J ẏ = −(∂f/∂z) ż
+        with mutation_explained(problem.name):
+            _, f_dot = jvp(lambda *zs: problem.residual_of_z(*_put(z, idx, zs)),
+                           tuple(z[i] for i in idx), dots)
+            return LinearSolve.apply(problem, False, -f_dot, *z)  # J ẏ = −(∂f/∂z) ż
 
     @staticmethod
     def vmap(info, in_dims, problem, y0, *tensors):

@@ -9,8 +9,10 @@ gradient without a word. So the layer probes the Jacobian before it trusts the s
 Probe: for each bit ``k`` of the sample index, a random cotangent ``u_k`` supported on the
 samples whose index has bit ``k`` set. For independent samples ``Jᵀu_k`` vanishes *exactly*
 (structural zeros, not rounding) on the other samples; any two distinct samples differ in some
-bit, so ``⌈log₂ B⌉`` VJPs (one batched ``vmap`` call) detect every coupled pair. Exact zeros
-make the test free of tolerances up to round-off of the coupling itself.
+bit, so ``⌈log₂ B⌉`` VJPs detect every coupled pair. Exact zeros make the test free of
+tolerances up to round-off of the coupling itself. The VJPs are taken with plain autograd, not
+``torch.func``: a residual that updates state in place (BatchNorm's running statistics in
+training mode) is then diagnosed as coupled instead of failing inside a transform.
 """
 
 from __future__ import annotations
@@ -41,8 +43,14 @@ def coupled_samples(residual: Callable[[Tensor], Tensor], y: Tensor, event_ndim:
     gen = torch.Generator(device=y.device).manual_seed(0)
     probes = torch.randn((bits, *y.shape), generator=gen, dtype=y.dtype, device=y.device) * mask
     with torch.enable_grad():
-        _, vjp_fn = torch.func.vjp(residual, y.detach())
-        (rows,) = torch.func.vmap(vjp_fn)(probes)
+        point = y.detach().requires_grad_()
+        f = residual(point)
+        if not f.requires_grad:  # f does not depend on y at all
+            return False
+        rows = torch.stack([
+            _zero_if_none(torch.autograd.grad(f, point, u, retain_graph=True, allow_unused=True)[0],
+                          point)
+            for u in probes])
     event = tuple(range(-event_ndim, 0)) if event_ndim else ()
     per_sample = rows.abs().sum(event) if event_ndim else rows.abs()  # (bits, *batch)
     per_sample = per_sample.reshape(bits, B)
@@ -51,6 +59,10 @@ def coupled_samples(residual: Callable[[Tensor], Tensor], y: Tensor, event_ndim:
     # independent samples give exact zeros outside; allow the round-off of a reduction
     scale = torch.finfo(y.dtype).eps * y[0].numel() * inside.clamp_min(torch.finfo(y.dtype).tiny)
     return bool((outside > scale).any())
+
+
+def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
 
 
 def interacting_samples_error(name: str, batch_shape, event_ndim: int, ndim: int) -> ValueError:

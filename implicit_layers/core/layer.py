@@ -102,6 +102,12 @@ class ImplicitLayer(nn.Module):
             raise ValueError("residual must be callable (x, y) -> tensor shaped like y")
         if isinstance(event_ndim, bool) or not isinstance(event_ndim, int) or event_ndim < 0:
             raise ValueError(f"event_ndim must be an integer >= 0, got {event_ndim!r}")
+        if solver is not None and not callable(getattr(solver, "solve", None)):
+            raise ValueError(f"solver must be a solver instance (il.Newton(), il.Anderson(), ...), "
+                             f"got {solver!r}")
+        if adjoint is not None and not isinstance(adjoint, Adjoint):
+            raise ValueError(f"adjoint must be an il.Adjoint instance (il.DirectAdjoint(), "
+                             f"il.KrylovAdjoint(), ...), got {adjoint!r}")
         self.fn = _Maps(residual, fixed_point_map, objective)
         self.solver = solver
         self.adjoint = adjoint if adjoint is not None else DirectAdjoint()

@@ -24,6 +24,7 @@ from torch import Tensor
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linearization import Linearization
 from implicit_layers.core.problem import ImplicitProblem, align_batch_dims
+from implicit_layers.errors import attributed
 from implicit_layers.stats import enforce
 
 
@@ -69,9 +70,10 @@ class LinearSolve(torch.autograd.Function):
     @staticmethod
     def forward(problem: ImplicitProblem, transpose: bool, rhs: Tensor, *z: Tensor) -> Tensor:
         lin = Linearization(problem, z)
-        sol, stats = problem.adjoint.solve(lin, rhs, transpose)
         phase, what = ("backward", "adjoint solve (∂f/∂y)ᵀ w = ȳ") if transpose else (
             "tangent", "tangent solve (∂f/∂y) ẏ = −(∂f/∂x) ẋ")
+        with attributed(problem.name, what):
+            sol, stats = problem.adjoint.solve(lin, rhs, transpose)
         setattr(problem.stats, phase, enforce(stats, problem.on_failure, f"{problem.name}: {what}"))
         return sol.clone() if any(sol is t for t in (rhs, *z)) else sol
 
@@ -118,6 +120,10 @@ class LinearSolve(torch.autograd.Function):
             return LinearSolve.apply(problem, transpose, rhs, *z), 0
         n_x = problem.n_x
         y_dim = z_dims[n_x]
+        # rhs is (V, *extra, *y) with extra leading dims (several cotangents, as in jacrev);
+        # the vmapped problem's batch is (V, *y's batch), and its solves take (*extra, V, *y).
+        extra = rhs.ndim - 1 - (z[n_x].ndim - (y_dim is not None))
+        rhs = rhs.movedim(0, extra)
         y = z[n_x].movedim(y_dim, 0) if y_dim is not None else z[n_x].expand(V, *z[n_x].shape)
         others = z[:n_x] + z[n_x + 1:]
         other_dims = z_dims[:n_x] + z_dims[n_x + 1:]
@@ -130,4 +136,4 @@ class LinearSolve(torch.autograd.Function):
             xs, params = moved[:n_x], moved[n_x:]
         dims = tuple(0 if (d is not None or i == n_x) else None for i, d in enumerate(z_dims))
         vproblem = problem.vmapped(dims, info.randomness)
-        return LinearSolve.apply(vproblem, transpose, rhs, *xs, y, *params), 0
+        return LinearSolve.apply(vproblem, transpose, rhs, *xs, y, *params), extra

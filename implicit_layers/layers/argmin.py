@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import check_count, check_positive
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.errors import SingularSystemError
@@ -76,8 +77,9 @@ class HessianAdjoint(Adjoint):
                  max_iter: int | None = None, direct_max_n: int = 64):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
-        self.method, self.rtol, self.max_iter = method, rtol, max_iter
-        self.direct_max_n = direct_max_n
+        self.method, self.rtol = method, check_positive("rtol", rtol)
+        self.max_iter = None if max_iter is None else check_count("max_iter", max_iter)
+        self.direct_max_n = check_count("direct_max_n", direct_max_n, minimum=0)
         self._direct = DirectAdjoint(Cholesky())
 
     def uses_cholesky(self, n: int) -> bool:

@@ -39,9 +39,10 @@ from implicit_layers.stats import SolverStats
 
 
 def normal_gradient(residual: Callable, x, y: Tensor) -> Tensor:
-    """``Jᵀr``, the gradient of ``½‖r(x, y)‖²`` in ``y`` (one VJP of the residual)."""
-    r, vjp = torch.func.vjp(lambda v: residual(x, v), y)
-    return vjp(r)[0]
+    """``Jᵀr``, the gradient of ``½‖r(x, y)‖²`` in ``y`` (one VJP of the residual, with the
+    cotangent ``r``). Taken with ``torch.func.grad`` rather than by calling a ``vjp`` closure
+    on ``r``: that closure escapes its transform level under ``vmap(jacrev(...))``."""
+    return torch.func.grad(lambda v: 0.5 * residual(x, v).square().sum())(y)
 
 
 class LeastSquaresAdjoint(Adjoint):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.checks import check_same_dtype_device, check_tensor
+from implicit_layers.checks import check_positive, check_same_dtype_device, check_tensor
 from implicit_layers.core.adjoint import FactorizationAdjoint
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.linalg.base import Factorization
@@ -120,6 +120,8 @@ class SylvesterTypeLayer(ImplicitLayer):
                  eig_max_cond: float | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_positive("rcond", rcond, allow_zero=True)
+        check_positive("eig_max_cond", eig_max_cond)
         solver = SylvesterSolver(self.kind, self.operands, self.b_is_a_transposed, backend,
                                  rcond, eig_max_cond)
         super().__init__(self.residual, solver, FactorizationAdjoint(factor=self._factor_at),

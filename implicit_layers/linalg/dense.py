@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import all_finite, check_positive
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization, LinearOperator, LinearSolver
 from implicit_layers.stats import SolverStats
@@ -45,11 +46,21 @@ def check_conditioning(diag: Tensor, rcond: float, what: str) -> None:
     mags = diag.abs()
     small = mags.amin(-1) <= rcond * mags.amax(-1).clamp_min(torch.finfo(diag.dtype).tiny)
     if bool(small.any()) or not bool(torch.isfinite(diag).all()):
-        bad = int(small.sum())
+        bad = int((small | ~torch.isfinite(diag).all(-1)).sum())
         raise SingularSystemError(
             f"{what} is singular or numerically singular in {bad} of {small.numel()} batch "
             f"entries (pivot ratio below {rcond:.1e})"
         )
+
+
+def check_finite_matrix(A: Tensor, what: str) -> None:
+    """Raise if some matrix of the batch has NaN/Inf entries (nothing to factor)."""
+    if not all_finite(A):
+        bad = int((~torch.isfinite(A)).flatten(-2).any(-1).sum())
+        total = A.shape[:-2].numel()
+        raise SingularSystemError(
+            f"{what} has NaN/Inf entries in {bad} of {total} batch entries (the function is not "
+            f"differentiable there, or its derivatives overflow)")
 
 
 class LUFactorization(Factorization):
@@ -84,10 +95,11 @@ class LU(LinearSolver):
     """
 
     def __init__(self, rcond: float | None = None):
-        self.rcond = rcond
+        self.rcond = check_positive("rcond", rcond, allow_zero=True)
 
     def factor(self, op: LinearOperator | Tensor, what: str = "the linear system") -> LUFactorization:
         A = op if isinstance(op, Tensor) else op.to_dense()
+        check_finite_matrix(A, what)
         LU_, piv = lu_factor(A)
         rcond = self.rcond if self.rcond is not None else default_rcond(A.dtype, A.shape[-1])
         check_conditioning(LU_.diagonal(dim1=-2, dim2=-1), rcond, what)
@@ -112,10 +124,11 @@ class Cholesky(LinearSolver):
     tensor([1.0000, 1.0000], dtype=torch.float64)"""
 
     def __init__(self, rcond: float | None = None):
-        self.rcond = rcond
+        self.rcond = check_positive("rcond", rcond, allow_zero=True)
 
     def factor(self, op: LinearOperator | Tensor, what: str = "the linear system") -> CholeskyFactorization:
         A = op if isinstance(op, Tensor) else op.to_dense()
+        check_finite_matrix(A, what)
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info > 0).any()):
             raise SingularSystemError(f"{what} is not positive definite (Cholesky failed)")

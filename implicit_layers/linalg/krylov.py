@@ -17,6 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from implicit_layers.checks import all_finite, check_count, check_positive
+from implicit_layers.compat import is_wrapped
+from implicit_layers.errors import ConvergenceError
 from implicit_layers.linalg.base import Factorization, LinearOperator, LinearSolver
 from implicit_layers.stats import SolverStats
 
@@ -40,7 +43,9 @@ class KrylovSolver(LinearSolver):
     name = "krylov"
 
     def __init__(self, rtol: float | None = None, atol: float = 0.0, max_iter: int = 200):
-        self.rtol, self.atol, self.max_iter = rtol, atol, max_iter
+        self.rtol = check_positive("rtol", rtol, allow_zero=True)
+        self.atol = check_positive("atol", atol, allow_none=False, allow_zero=True)
+        self.max_iter = check_count("max_iter", max_iter)
 
     def factor(self, op: LinearOperator) -> KrylovFactorization:
         return KrylovFactorization(self, op)
@@ -68,7 +73,12 @@ class KrylovFactorization(Factorization):
         flat = b.reshape(-1, shape[-1])
 
         def mv(v: Tensor) -> Tensor:
-            return self.op.matvec(v.reshape(shape), transpose).reshape(flat.shape)
+            out = self.op.matvec(v.reshape(shape), transpose).reshape(flat.shape)
+            if not is_wrapped(out) and not all_finite(out):  # stop before LAPACK sees NaN
+                raise ConvergenceError(
+                    f"{self.solver.name}: the operator returned NaN/Inf (its matrix has NaN/Inf "
+                    f"entries: the function is not differentiable there, or overflows)")
+            return out
 
         x, self.stats = self.solver.run(mv, flat)
         self.stats.iterations = self.stats.iterations.reshape(shape[:-1])
@@ -170,7 +180,7 @@ class GMRES(KrylovSolver):
 
     def __init__(self, rtol=None, atol=0.0, max_iter=200, restart: int = 30):
         super().__init__(rtol, atol, max_iter)
-        self.restart = restart
+        self.restart = check_count("restart", restart)
 
     def run(self, matvec, b, x0=None):
         tol = self.tolerance(b)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import implicit_layers as il
+from implicit_layers.solvers.qp.active_set import optimality_residual
+from implicit_layers.solvers.qp.problem import QPProblem
 from implicit_layers.testing.qp_float32 import (
     float32_problems,
     layer_gradients,
@@ -51,3 +53,21 @@ def test_float32_gradients_within_target_of_float64(case, problems):
     for err in (relative(grads, reference), relative(tangent, ref_tangent)):
         assert float(err.median()) <= 1e-3, err
         assert float(err.max()) <= 1e-2, err
+
+
+@pytest.mark.parametrize("solver", [il.InteriorPoint(), il.InteriorPoint(dtype=None), il.OSQP()],
+                         ids=["ip-float64-compute", "ip-float32-compute", "osqp"])
+def test_solved_promises_the_returned_float32_point(solver):
+    """A fuzz case (G scaled by 1e30, float32): the float64 solve's multipliers cancel to
+    1e-8 relative, and rounded to float32 the point's dual residual is O(1). A sample is
+    SOLVED only if the point actually returned passes the test at float32's tolerance."""
+    f32 = dict(dtype=torch.float32)
+    Q, c = torch.tensor([[[1.002]]], **f32), torch.tensor([[1.9112]], **f32)
+    G = torch.tensor([[[-2.3103e29], [3.4593e29]]], **f32)
+    h, lower = torch.tensor([[0.5435, 1.1082]], **f32), torch.tensor([[-0.6048, -0.6112]], **f32)
+    P = QPProblem.from_data(Q, c, torch.zeros(1, 0, 1, **f32), torch.zeros(1, 0, **f32), G, lower, h)
+    sol = solver.solve(P)
+    res = optimality_residual(P.to(torch.float64), sol.x.double(), sol.lam.double(), sol.mu.double())
+    solved = sol.status == il.QPStatus.SOLVED
+    assert bool((~solved | (res <= 1e-5)).all()), (sol.status, res)
+    assert bool((sol.stats.converged == solved).all())

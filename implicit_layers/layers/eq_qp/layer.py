@@ -40,6 +40,7 @@ from implicit_layers.checks import check_same_dtype_device, check_tensor
 from implicit_layers.core.adjoint import FactorizationAdjoint
 from implicit_layers.core.broadcast import outer_sum, sum_to
 from implicit_layers.core.layer import ImplicitLayer
+from implicit_layers.errors import SingularSystemError
 from implicit_layers.layers.eq_qp.dense import DenseKKTBackend
 from implicit_layers.layers.eq_qp.osqp import OSQPBackend
 from implicit_layers.layers.eq_qp.sparse import SparseKKTBackend, is_sparse
@@ -169,6 +170,10 @@ class EqualityQPLayer(ImplicitLayer):
             return self.sparse_values(*backend.prepare(Q, c, A, b))
         else:
             check_eq_qp_inputs(Q, c, A, b, finite=False)
+            if A.shape[-2] > A.shape[-1]:  # structurally, whatever the values (also n = 0)
+                raise SingularSystemError(
+                    f"the KKT matrix is singular: A's rows are linearly dependent (A has "
+                    f"{A.shape[-2]} rows for {A.shape[-1]} unknowns)")
             batch = torch.broadcast_shapes(Q.shape[:-2], c.shape[:-1], A.shape[:-2], b.shape[:-1])
             y0 = c.new_zeros(*batch, c.shape[-1] + b.shape[-1])
             y = self._solve((Q, c, A, b), y0, solver=backend, x_names=("Q", "c", "A", "b"),

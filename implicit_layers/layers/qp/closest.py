@@ -43,14 +43,14 @@ def resolve_closest(layer, inputs, event_ndims, y: Tensor, idx: Tensor) -> Tenso
     n, p = c.shape[-1], A.shape[-2]
     first = layer.stats
     m = G.shape[-2]
-    shift_x, _, _ = layer._solve_qp(phase_one_data(Q, A, b, G, lower, upper), closest=False)
-    shift = shift_x[..., n:]
+    shift = layer._solve_qp(phase_one_data(Q, A, b, G, lower, upper), closest=False)
+    shift = shift[..., n:n + p + 2 * m]  # the phase-one QP's unknowns are (x, s)
     s_e, s_u, s_l = shift[..., :p], shift[..., p:p + m], shift[..., p + m:]
-    x, lam, mu = layer._solve_qp((Q, c, A, b + s_e, G, lower - s_l, upper + s_u), closest=False)
+    solution = layer._solve_qp((Q, c, A, b + s_e, G, lower - s_l, upper + s_u), closest=False)
     second = layer.stats
     layer.stats = _merged(first, second, idx, shift.detach(), y.shape[:-1])
     flat = y.reshape(-1, y.shape[-1])
-    return flat.index_copy(0, idx, torch.cat([x, lam, mu], -1)).reshape(y.shape)
+    return flat.index_copy(0, idx, solution).reshape(y.shape)
 
 
 def _merged(first: LayerStats, second: LayerStats, idx: Tensor, shift: Tensor, batch) -> LayerStats:

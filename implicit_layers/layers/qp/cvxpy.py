@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.checks import all_finite, check_tensor
+from implicit_layers.checks import all_finite, check_same_dtype_device, check_tensor
 from implicit_layers.compat import is_wrapped
 
 
@@ -37,7 +37,7 @@ def _fortran_flat(t: Tensor, event_ndim: int) -> Tensor:
     """Flatten the last ``event_ndim`` dims in column-major order (cvxpy's layout)."""
     lead = t.ndim - event_ndim
     perm = (*range(lead), *reversed(range(lead, t.ndim)))
-    return t.permute(perm).reshape(*t.shape[:lead], -1)
+    return t.permute(perm).reshape(*t.shape[:lead], t.shape[lead:].numel())  # B = 0 too
 
 
 def opposite_pairs(rows: np.ndarray) -> tuple[list[int], list[int]]:
@@ -150,7 +150,7 @@ class CvxpyQPLayer(nn.Module):
             raise ValueError(f"expected {len(self.params)} parameter tensors, got {len(params)}")
         flats = []
         for i, (t, p) in enumerate(zip(params, self.params, strict=True)):
-            name = f"parameter {p.name()} (argument {i})"
+            name = f"parameter {p.name()} (argument {i})"  # the parameter's name, not the QP data's
             if not isinstance(t, Tensor) or tuple(t.shape[t.ndim - len(p.shape):]) != p.shape \
                     or t.ndim < len(p.shape):
                 raise ValueError(f"{name} must have shape (*batch, {p.shape}), "
@@ -161,7 +161,12 @@ class CvxpyQPLayer(nn.Module):
                 raise ValueError(f"{name} contains {what} (parameters enter the QP linearly, so they "
                                  f"must be finite; a bound of magnitude >= 1e20 means no bound)")
             flats.append(_fortran_flat(t, len(p.shape)) if p.shape else t.unsqueeze(-1))
-        batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flats))
+        check_same_dtype_device({p.name(): t for t, p in zip(params, self.params, strict=True)})
+        try:
+            batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flats))
+        except RuntimeError as err:
+            listed = ", ".join(f"{p.name()} {tuple(f.shape[:-1])}" for f, p in zip(flats, self.params))
+            raise ValueError(f"batch dims do not broadcast: {listed}") from err
         order = sorted(range(len(flats)), key=lambda i: self.cols[i])  # cvxpy's column order
         parts = [flats[i].expand(*batch, flats[i].shape[-1]) for i in order]
         return torch.cat([*parts, params[0].new_ones(*batch, 1)], -1)

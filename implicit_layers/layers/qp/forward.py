@@ -4,6 +4,13 @@
 it flattens the broadcast batch, solves, keeps the solution's active set (the residual and
 the pullback depend on it) and leaves the derivative factorization in ``SolveResult.aux``.
 The residual and the closed-form pullback are derived in :mod:`implicit_layers.layers.qp.layer`.
+
+The active set is part of the unknown: ``y = (x, λ, μ, σ)`` with ``σᵢ ∈ {−1, 0, 1}`` the
+active side of row ``i`` (lower, none, upper) and the residual rows ``σ − round(σ)``, zero at
+the solution, with derivative ``I`` in ``σ`` and ``0`` elsewhere (``round`` has derivative 0).
+So the Jacobian is ``diag(K, I)`` and the residual and pullback are pure functions of the
+layer's tensors: under ``vmap``, ``jacrev``, ``jacfwd`` and their compositions each level sees
+its own samples' active sets (a mask held beside the tensors would be the physical batch's).
 """
 
 from __future__ import annotations
@@ -26,33 +33,47 @@ ADVICE = {
     QPStatus.UNBOUNDED: "unbounded (the objective decreases without bound along a feasible "
                         "direction where Q is singular)",
     QPStatus.MAX_ITER: "not solved to tolerance within max_iter (raise max_iter or loosen tol)",
-    QPStatus.NUMERICAL: "numerical failure (a factorization failed or an iterate overflowed; "
-                        "check the data's scale and conditioning)",
+    QPStatus.NUMERICAL: "numerical failure (a factorization failed or an iterate overflowed: "
+                        "is Q positive semidefinite? check also the data's scale and "
+                        "conditioning)",
 }
 
 
 def split(y: Tensor, n: int, p: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, λ, μ)`` of ``(x, λ, μ)``."""
     return y[..., :n], y[..., n:n + p], y[..., n + p:]
 
 
-def qp_residual(xs, y: Tensor, upper: Tensor, lower: Tensor) -> Tensor:
-    """``F(θ, y)`` of the layer for the active sides ``upper``, ``lower`` (``(*, m)`` masks)."""
+def unknowns(x: Tensor, lam: Tensor, mu: Tensor, upper: Tensor, lower: Tensor) -> Tensor:
+    """``y = (x, λ, μ, σ)`` with the active sides encoded as ``σ = upper − lower``."""
+    return torch.cat([x, lam, mu, upper.to(x.dtype) - lower.to(x.dtype)], -1)
+
+
+def parts(y: Tensor, n: int, p: int):
+    """``(x, λ, μ, upper, lower, σ)`` of ``y = (x, λ, μ, σ)``."""
+    m = (y.shape[-1] - n - p) // 2
+    side = y[..., n + p + m:]
+    return y[..., :n], y[..., n:n + p], y[..., n + p:n + p + m], side > 0.5, side < -0.5, side
+
+
+def qp_residual(xs, y: Tensor) -> Tensor:
+    """``F(θ, y)`` of the layer for ``y = (x, λ, μ, σ)``."""
     Q, c, A, b, G, lo, up = xs
-    x, lam, mu = split(y, c.shape[-1], A.shape[-2])
+    x, lam, mu, upper, lower, side = parts(y, c.shape[-1], A.shape[-2])
     active = upper | lower
     F1 = mv(Q, x) + c + mv(A.mT, lam) + mv(G.mT, torch.where(active, mu, 0.0))
     F2 = mv(A, x) - b
     Gx = mv(G, x)
     F3 = torch.where(upper, Gx - up, torch.where(lower, Gx - lo, -mu))
-    return torch.cat([F1, F2, F3], -1)
+    return torch.cat([F1, F2, F3, side - side.round()], -1)
 
 
-def qp_pullback(z, w: Tensor, wanted, upper: Tensor, lower: Tensor) -> dict[int, Tensor]:
+def qp_pullback(z, w: Tensor, wanted) -> dict[int, Tensor]:
     """``{i: θ̄_i}`` for θ = (Q, c, A, b, G, lower, upper) by the closed form."""
     Q, c, A, b, G, lo, up, y = z
     n, p = c.shape[-1], A.shape[-2]
-    x, lam, mu = split(y, n, p)
-    w1, w2, w3 = split(w, n, p)
+    x, lam, mu, upper, lower, _ = parts(y, n, p)
+    w1, w2, w3, _, _, _ = parts(w, n, p)
     active = upper | lower
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     out = {}
@@ -76,8 +97,8 @@ def qp_pullback(z, w: Tensor, wanted, upper: Tensor, lower: Tensor) -> dict[int,
 
 class QPDerivative(Factorization):
     """An :class:`~implicit_layers.solvers.qp.active_set.ActiveSetKKT` as the factorization of
-    the layer's Jacobian on stacked vectors ``(*extra, *batch, n + p + m)`` (``K`` is
-    symmetric: the transposed solve is the same solve)."""
+    the layer's Jacobian ``diag(K, I)`` on stacked vectors ``(*extra, *batch, n + p + 2m)``
+    (``K`` is symmetric: the transposed solve is the same solve)."""
 
     def __init__(self, fac: ActiveSetKKT, batch, sizes: tuple[int, int, int], degenerate: Tensor):
         self.fac, self.batch, self.sizes, self.degenerate = fac, tuple(batch), sizes, degenerate
@@ -86,8 +107,8 @@ class QPDerivative(Factorization):
     def solve(self, b: Tensor, transpose: bool = False) -> Tensor:
         n, p, m = self.sizes
         extra = b.shape[: b.ndim - len(self.batch) - 1]
-        flat = b.reshape(*extra, -1, n + p + m)
-        z = torch.cat(self.fac.solve(*split(flat, n, p)), -1)
+        flat = b.reshape(*extra, -1, n + p + 2 * m)
+        z = torch.cat([*self.fac.solve(*split(flat[..., :n + p + m], n, p)), flat[..., n + p + m:]], -1)
         singular = self.fac.singular.reshape(self.batch)
         self.stats = SolverStats.exact("active-set KKT", self.batch, device=b.device)
         self.stats.extra["degenerate"] = singular | self.degenerate
@@ -98,20 +119,13 @@ class QPForward:
     """The forward solver of one layer call (see the module docstring).
 
     Attributes:
-        upper, lower: the active sides of the solution, ``(*batch, m)``, once solved.
+        infeasible_samples: the flat indices of the infeasible samples, once solved.
     """
 
     def __init__(self, solver: QPSolver, infeasible: str):
         self.solver, self.infeasible = solver, infeasible
         self.name = solver.name
-        self.upper = self.lower = None
         self.infeasible_samples: Tensor | None = None
-
-    def residual(self, xs, y: Tensor) -> Tensor:
-        return qp_residual(xs, y, self.upper, self.lower)
-
-    def pullback(self, z, w: Tensor, wanted) -> dict[int, Tensor]:
-        return qp_pullback(z, w, wanted, self.upper, self.lower)
 
     def solve(self, problem, y0: Tensor) -> SolveResult:
         Q, c, A, b, G, lower, upper = problem.data
@@ -130,10 +144,9 @@ class QPForward:
         if self.infeasible == "closest":  # the layer solves these again, shifted: not failures
             sol.stats.converged = sol.stats.converged | (sol.status == QPStatus.INFEASIBLE)
         finite = lambda t: torch.where(torch.isfinite(t), t, 0.0)  # noqa: E731
-        y = torch.cat([finite(sol.x), finite(sol.lam), finite(sol.mu)], -1).reshape(*batch, -1)
         fac = sol.derivative
-        self.upper = fac.upper.reshape(*batch, m)
-        self.lower = fac.lower.reshape(*batch, m)
+        y = unknowns(finite(sol.x), finite(sol.lam), finite(sol.mu), fac.upper.reshape(B, m),
+                     fac.lower.reshape(B, m)).reshape(*batch, -1)
         stats = _reshaped(sol.stats, batch)
         stats.solver = self.solver.name
         stats.extra["failure"] = _failure_message(sol.status, self.solver.name)

@@ -6,7 +6,8 @@ returning the primal solution ``x`` and the multipliers ``λ`` (equalities) and 
 (inequalities, signed: ``μᵢ > 0`` where the upper bound is active, ``< 0`` where the lower one
 is, 0 elsewhere), with ``Qx + c + Aᵀλ + Gᵀμ = 0``.
 
-An :class:`~implicit_layers.ImplicitLayer` with ``y = (x, λ, μ)``. The forward solver
+An :class:`~implicit_layers.ImplicitLayer` with ``y = (x, λ, μ, σ)`` (``σ`` the active sides,
+see :mod:`~implicit_layers.layers.qp.forward`). The forward solver
 (:class:`~implicit_layers.InteriorPoint` by default, or :class:`~implicit_layers.OSQP`) ends
 with the solution's active set and the factorization of its derivative KKT matrix ``K``
 (:mod:`implicit_layers.solvers.qp.active_set`, where the gradient contract at degenerate
@@ -42,7 +43,7 @@ from implicit_layers.compat import is_wrapped
 from implicit_layers.core.adjoint import FactorizationAdjoint
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.layers.qp.closest import resolve_closest
-from implicit_layers.layers.qp.forward import QPForward, qp_residual
+from implicit_layers.layers.qp.forward import QPForward, qp_pullback, qp_residual, split
 from implicit_layers.solvers.qp import InteriorPoint, QPSolver
 
 #: non-batch dims of (Q, c, A, b, G, lower, upper)
@@ -101,25 +102,27 @@ class QPLayer(ImplicitLayer):
                 G: Tensor | None = None, h: Tensor | None = None,
                 lower: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         inputs = check_qp_inputs(Q, c, A, b, G, h, lower)
-        return self._solve_qp(inputs)
+        n, p, m = c.shape[-1], inputs[2].shape[-2], inputs[4].shape[-2]
+        return split(self._solve_qp(inputs)[..., :n + p + m], n, p)
 
-    def _solve_qp(self, inputs: tuple[Tensor, ...], closest: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        """The implicit function on checked inputs ``(Q, c, A, b, G, lower, upper)``; with
+    def _solve_qp(self, inputs: tuple[Tensor, ...], closest: bool = True) -> Tensor:
+        """The implicit function on checked inputs ``(Q, c, A, b, G, lower, upper)``: the
+        unknowns ``(x, λ, μ, σ)`` of :mod:`~implicit_layers.layers.qp.forward`; with
         ``infeasible="closest"`` (and ``closest``), infeasible samples solved again as their
         closest feasible QP."""
         Q, c, A, b, G, lower, upper = inputs
         inputs = (0.5 * (Q + Q.mT), c, A, b, G, lower, upper)
         n, p, m = c.shape[-1], A.shape[-2], G.shape[-2]
         batch = torch.broadcast_shapes(*(t.shape[: t.ndim - e] for t, e in zip(inputs, EVENT_NDIMS)))
-        y0 = c.new_zeros(*batch, n + p + m)
+        y0 = c.new_zeros(*batch, n + p + 2 * m)
         forward = QPForward(self.solver, self.infeasible if closest else "raise")
-        y = self._solve(inputs, y0, solver=forward, residual=forward.residual, x_names=NAMES,
+        y = self._solve(inputs, y0, solver=forward, residual=qp_residual, x_names=NAMES,
                         broadcasts=True, x_event_ndims=EVENT_NDIMS, sample_check=False,
-                        check_inputs=False, input_pullback=forward.pullback)
+                        check_inputs=False, input_pullback=qp_pullback)
         idx = forward.infeasible_samples
         if self.infeasible == "closest" and closest and idx is not None and idx.numel():
             y = resolve_closest(self, inputs, EVENT_NDIMS, y, idx)
-        return y[..., :n], y[..., n:n + p], y[..., n + p:]
+        return y
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, on_failure={self.on_failure!r}, infeasible={self.infeasible!r}"

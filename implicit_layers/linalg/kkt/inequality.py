@@ -60,7 +60,8 @@ def tri(L: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
     extra = B.ndim - L.ndim
     if extra > 0 and L.ndim == 3:
         flat = B.reshape(B.shape[:extra].numel(), *B.shape[extra:])  # (E, B, n, k)
-        cols = flat.permute(1, 2, 3, 0).reshape(*flat.shape[1:3], -1)  # (B, n, k·E)
+        E, k = flat.shape[0], flat.shape[3]
+        cols = flat.permute(1, 2, 3, 0).reshape(*flat.shape[1:3], k * E)  # (B, n, k·E); n = 0 too
         out = tri(L, cols, transpose).reshape(*flat.shape[1:], flat.shape[0])
         return out.permute(3, 0, 1, 2).reshape(B.shape)
     if B.shape[:-2] != L.shape[:-2]:

@@ -202,7 +202,13 @@ def _trsyl_recursive(Sa, Sb, C, ta: bool, tb: bool) -> np.ndarray:
 
 def _trsyl_base(Sa, Sb, C, ta: bool, tb: bool) -> np.ndarray:
     (trsyl,) = get_lapack_funcs(("trsyl",), (C,))
-    y, scale, info = trsyl(Sa, Sb, C, trana="T" if ta else "N", tranb="T" if tb else "N")
+    # trsyl perturbs pivots below its absolute threshold (the smallest normal number), a false
+    # "singular" for tiny data: solve (Sa/s) Y + Y (Sb/s) = C/s, s the power of two nearest
+    # the data's magnitude (an exact scaling; Y is unchanged)
+    top = max(np.abs(Sa).max(initial=0.0), np.abs(Sb).max(initial=0.0))
+    s = float(2.0 ** np.round(np.log2(top))) if 0.0 < top < np.inf else 1.0
+    y, scale, info = trsyl(Sa / s, Sb / s, C / s, trana="T" if ta else "N",
+                           tranb="T" if tb else "N")
     if info < 0:
         raise ValueError(f"LAPACK trsyl rejected argument {-info}")
     if info == 1:

@@ -207,10 +207,9 @@ def derivative_and_polish(problem: QPProblem, sol: QPSolution, slack_u: Tensor, 
     if problem.c.dtype != torch.float64:
         wide = problem.to(torch.float64)
         sol64 = QPSolution(sol.x.double(), sol.lam.double(), sol.mu.double(), sol.status, sol.stats)
-        return derivative_and_polish(wide, sol64, slack_u.double(), slack_l.double(),
-                                     *wide.equilibrated(), None,
-                                     torch.finfo(torch.float64).eps ** 0.6, tol,
-                                     polish).to(problem.c.dtype)
+        return narrowed(problem, derivative_and_polish(
+            wide, sol64, slack_u.double(), slack_l.double(), *wide.equilibrated(), None,
+            torch.finfo(torch.float64).eps ** 0.6, tol, polish), tol)
     # the derivative system's regularization is at least ε^0.6, whatever the solver's own
     # (the dual order iterates at 1e-12 behind a floor on W; K has W = 0 on active rows, and a
     # tinier one hides a singular K from the probe and leaves its factorization to rounding)
@@ -268,6 +267,26 @@ def derivative_and_polish(problem: QPProblem, sol: QPSolution, slack_u: Tensor, 
     sol.stats.extra["degenerate"] = (weak | fac.singular) & solved
     fac.ok = fac.ok & solved
     return QPSolution(x, lam, mu, status, sol.stats, fac)
+
+
+def narrowed(problem: QPProblem, sol: QPSolution, tol: float) -> QPSolution:
+    """``sol``, computed in a wider dtype than ``problem``'s, rounded to it. A ``SOLVED``
+    sample whose rounded point fails the test at ``tol`` becomes ``NUMERICAL``: the answer
+    is not representable in the narrow dtype (e.g. data scaled 1e30 apart, where the
+    multipliers cancel beyond float32's precision); the status promises the returned point."""
+    wide, dtype = sol.x.dtype, problem.c.dtype
+    out = sol.to(dtype)
+    if wide == dtype:
+        return out
+    res = optimality_residual(problem.to(wide), *(t.to(wide) for t in (out.x, out.lam, out.mu)))
+    bad = (out.status == QPStatus.SOLVED) & ~(res <= tol)
+    if bool(bad.any()):
+        out.status = torch.where(bad, QPStatus.NUMERICAL, out.status)
+        out.stats.converged = out.status == QPStatus.SOLVED
+        out.stats.extra["status"] = out.status
+        if out.derivative is not None:
+            out.derivative.ok = out.derivative.ok & ~bad
+    return out
 
 
 #: primal-dual active-set corrections tried when polishing the solver's active set fails

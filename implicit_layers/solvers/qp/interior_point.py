@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from implicit_layers.checks import check_count, check_positive
-from implicit_layers.solvers.qp.active_set import derivative_and_polish
+from implicit_layers.solvers.qp.active_set import derivative_and_polish, narrowed
 from implicit_layers.solvers.qp.base import QPSolution, QPSolver, QPStatus
 from implicit_layers.solvers.qp.feasibility import mark_infeasible
 from implicit_layers.solvers.qp.problem import QPProblem, Scaling, inf_norm
@@ -135,7 +135,8 @@ class InteriorPoint(QPSolver):
         caller's, when the computation is upcast)."""
         given = problem.c.dtype
         if self.dtype is not None and self.dtype != given:
-            return self.solve(problem.to(self.dtype), detect_infeasibility, given).to(given)
+            sol = self.solve(problem.to(self.dtype), detect_infeasibility, given)
+            return narrowed(problem, sol, self.defaults(given, False)[0])
         B, (n, p, m) = problem.batch, problem.sizes
         dtype, device = problem.c.dtype, problem.c.device
         if B == 0:  # an empty batch: empty outputs (and gradients), nothing to solve
@@ -448,9 +449,10 @@ def _step(view, sides: _Sides, st: _State, parts, res: Tensor, reg: float, tol: 
     alpha = eta * torch.minimum(_max_step(s, ds, f), _max_step(z, dz, f))
     # once the iterate is nearly feasible (residuals below the mean complementarity) and
     # near the end (measure ≤ 1e-3: early on, with a far bound's large initial gap, backing
-    # off froze the iterate for dozens of steps), back off (halving, at most 6 times) while the step would raise the mean complementarity: on
-    # degenerate problems a nearly singular system can give a long direction whose
-    # second-order term α² ds∘dz outweighs the decrease, and the iterates then cycle
+    # off froze the iterate for dozens of steps), back off (halving, at most 6 times) while
+    # the step would raise the mean complementarity: on degenerate problems a nearly
+    # singular system can give a long direction whose second-order term α² ds∘dz outweighs
+    # the decrease, and the iterates then cycle
     infeasibility = torch.stack([inf_norm(parts["r_d"]), inf_norm(parts["r_e"]),
                                  inf_norm(r_s.flatten(1))]).amax(0)
     settled = (infeasibility <= tau) & (res <= 1e-3)

@@ -1,9 +1,10 @@
 """OSQP forward solver for :class:`~implicit_layers.QPLayer` (CPU; sparse-friendly).
 
 OSQP (ADMM with solution polishing) runs on the CPU in float64, one sample at a time, on
-sparse copies of the data: tensors are moved to NumPy explicitly and the results back to the
-input's device and dtype. Its form ``l ≤ Ax ≤ u`` takes two-sided constraints natively
-(equalities are rows with ``l = u``), and its multipliers have this package's signs.
+sparse copies of the equilibrated data (its tolerances are absolute): tensors are moved to
+NumPy explicitly and the results back to the input's device and dtype. Its form
+``l ≤ Ax ≤ u`` takes two-sided constraints natively (equalities are rows with ``l = u``),
+and its multipliers have this package's signs.
 
 The slacks are computed in float64 before anything is rounded to the input dtype, so the
 active set is identified at OSQP's precision also for float32 inputs. Then the solution goes
@@ -18,14 +19,14 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from implicit_layers.checks import check_count, check_positive
-from implicit_layers.solvers.qp.active_set import derivative_and_polish
+from implicit_layers.solvers.qp.active_set import derivative_and_polish, narrowed
 from implicit_layers.solvers.qp.base import QPSolution, QPSolver, QPStatus
 from implicit_layers.solvers.qp.feasibility import infeasible, mark_infeasible
 from implicit_layers.solvers.qp.problem import QPProblem
@@ -38,10 +39,11 @@ _STATUS = {1: QPStatus.SOLVED, 2: QPStatus.MAX_ITER, 3: QPStatus.INFEASIBLE,
 
 @contextmanager
 def _quiet():
-    """Silence OSQP's C-level printing (errors go to the caller as exceptions/statuses)."""
+    """Silence OSQP's printing (errors go to the caller as exceptions/statuses): its C code
+    writes to the file descriptors and, through ``PySys_WriteStdout``, to ``sys.stdout``."""
     sys.stdout.flush(), sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "w") as null:
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
         os.dup2(null.fileno(), 1), os.dup2(null.fileno(), 2)
         try:
             yield
@@ -91,12 +93,18 @@ class OSQP(QPSolver):
         Q, c, A, b, G, lo, up = (t.detach().cpu().double().numpy()
                                  for t in (P.Q, P.c, P.A, P.b, P.G, P.lower, P.upper))
         _check_convex(Q)
+        # OSQP's tolerances are absolute: it solves the equilibrated problem (data of order
+        # one), whose solution is mapped back; raw data scaled by 1e-8 gave points 4-7 % off
+        P64 = P.to(torch.float64)
+        scaled, scaling = P64.equilibrated()
+        Qs, cs, As, bs, Gs, los, ups = (t.detach().cpu().numpy() for t in (
+            scaled.Q, scaled.c, scaled.A, scaled.b, scaled.G, scaled.lower, scaled.upper))
         xs, ys = np.zeros((B, n)), np.zeros((B, p + m))
         status, iters = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
         for i in range(B):
-            data = dict(P=sp.triu(sp.csc_matrix(Q[i]), format="csc"), q=c[i],
-                        A=sp.csc_matrix(np.vstack([A[i], G[i]])),
-                        l=np.concatenate([b[i], lo[i]]), u=np.concatenate([b[i], up[i]]))
+            data = dict(P=sp.triu(sp.csc_matrix(Qs[i]), format="csc"), q=cs[i],
+                        A=sp.csc_matrix(np.vstack([As[i], Gs[i]])),
+                        l=np.concatenate([bs[i], los[i]]), u=np.concatenate([bs[i], ups[i]]))
             res = _run(osqp, data, self.settings)
             if res is not None and _STATUS.get(int(res.info.status_val)) == QPStatus.INFEASIBLE:
                 # OSQP's certificate test fired on feasible (degenerate) problems: once more
@@ -117,9 +125,12 @@ class OSQP(QPSolver):
         if claimed.size and detect_infeasibility:  # a claim stands if the least-norm shift is nonzero
             shifted = infeasible(self, P.select(torch.as_tensor(claimed, device=device)), tol)
             status[claimed[~shifted.cpu().numpy()]] = QPStatus.MAX_ITER
+        x64, lam64, mu64 = scaling.unscale(*(torch.as_tensor(v, device=device) for v in (
+            xs, ys[:, :p], ys[:, p:])))
+        xs = x64.cpu().numpy()
         Gx = np.einsum("bmn,bn->bm", G, xs)
         to = dict(dtype=dtype, device=device)
-        x, y = torch.as_tensor(xs, **to), torch.as_tensor(ys, **to)
+        x, y = x64.to(dtype), torch.cat([lam64, mu64], -1).to(dtype)
         slack_u, slack_l = torch.as_tensor(up - Gx, **to), torch.as_tensor(Gx - lo, **to)
         status_t = torch.as_tensor(status, device=device)
         stats = SolverStats(self.name, torch.as_tensor(iters, device=device),
@@ -128,11 +139,9 @@ class OSQP(QPSolver):
         stats.extra["status"] = status_t
         sol = QPSolution(x, y[:, :p], y[:, p:], status_t, stats)
         # the derivative system and polishing in float64, like the solve (see InteriorPoint)
-        P64 = P.to(torch.float64)
-        sol64 = QPSolution(*(t.double() for t in (sol.x, sol.lam, sol.mu)), sol.status, sol.stats)
-        scaled, scaling = P64.equilibrated()
-        sol = derivative_and_polish(P64, sol64, slack_u.double(), slack_l.double(), scaled,
-                                    scaling, None, 1e-9, tol).to(dtype)
+        sol64 = QPSolution(x64, lam64, mu64, sol.status, sol.stats)
+        sol = narrowed(P, derivative_and_polish(P64, sol64, slack_u.double(), slack_l.double(),
+                                                scaled, scaling, None, 1e-9, tol), tol)
         if detect_infeasibility:
             mark_infeasible(self, P, sol.status, tol)
         return sol
