@@ -11,8 +11,9 @@ these, only this file needs to change.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -34,6 +35,30 @@ def is_wrapped(t: Tensor) -> bool:
 
 def any_wrapped(*tensors: Tensor) -> bool:
     return any(is_wrapped(t) for t in tensors)
+
+
+#: the pullback ``torch.func.vjp`` returns: cotangents of the outputs ↦ those of the primals
+VjpFn = Callable[..., tuple[Any, ...]]
+
+
+def func_vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, VjpFn]:
+    """``torch.func.vjp(f, *primals)``: ``(f(*primals), vjp_fn)``.
+
+    Why: torch annotates ``torch.func.vjp`` as returning a 2- or a 3-tuple (the latter with
+    ``has_aux=True``), which a type checker cannot unpack; this says which one (torch 2.13)."""
+    return cast(tuple[Any, VjpFn], torch.func.vjp(f, *primals))
+
+
+def func_vjp_with_aux(f: Callable[..., Any], *primals: Any) -> tuple[Any, VjpFn, Any]:
+    """``torch.func.vjp(f, *primals, has_aux=True)``: ``(out, vjp_fn, aux)`` (see :func:`func_vjp`)."""
+    return cast(tuple[Any, VjpFn, Any], torch.func.vjp(f, *primals, has_aux=True))
+
+
+def func_jvp(f: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    """``torch.func.jvp(f, primals, tangents)``: ``(f(*primals), J · tangents)``.
+
+    Why: typed like :func:`func_vjp` (torch annotates a 2- or 3-tuple, torch 2.13)."""
+    return cast(tuple[Any, Any], torch.func.jvp(f, primals, tangents))
 
 
 def in_forward_ad() -> bool:

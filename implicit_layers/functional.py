@@ -10,9 +10,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from implicit_layers.core.adjoint import Adjoint
+from implicit_layers.core.layer import Inputs
 from implicit_layers.layers.argmin import ArgminLayer
 from implicit_layers.layers.deq.layer import DEQLayer
-from implicit_layers.layers.eq_qp.layer import EqualityQPLayer
+from implicit_layers.layers.eq_qp.layer import EqualityQPBackend, EqualityQPLayer
+from implicit_layers.layers.eq_qp.sparse import Matrix
 from implicit_layers.layers.least_squares import LeastSquaresLayer
 from implicit_layers.layers.lp_gradients import PerturbedLP, SmoothedLP
 from implicit_layers.layers.lyapunov import discrete_lyapunov, lyapunov
@@ -20,17 +28,21 @@ from implicit_layers.layers.qp.layer import QPLayer
 from implicit_layers.layers.root_find import RootFindLayer
 from implicit_layers.layers.sylvester import sylvester
 from implicit_layers.solvers.anderson import Anderson
+from implicit_layers.solvers.base import RootSolver
 from implicit_layers.solvers.least_squares import LevenbergMarquardt
 from implicit_layers.solvers.minimize import LBFGS
 from implicit_layers.solvers.newton import Newton
+from implicit_layers.solvers.qp.base import QPSolver
 
 __all__ = ["root_find", "fixed_point", "argmin", "least_squares", "eq_qp", "qp", "smoothed_lp",
            "perturbed_lp", "lyapunov",
            "discrete_lyapunov", "sylvester"]
 
 
-def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=None,
-              on_failure="raise", event_ndim=1):
+def root_find(residual: Callable[..., Tensor], x: Inputs, y0: Tensor, *,
+              solver: RootSolver | None = None, adjoint: Adjoint | None = None,
+              tol: float | None = None, max_iter: int | None = None, on_failure: str = "raise",
+              event_ndim: int = 1) -> Tensor:
     """Solve ``residual(x, y) = 0`` from ``y0``, differentiably in ``x``.
 
     ``tol`` sets both the absolute and relative tolerance of the solver (default: Newton's).
@@ -46,8 +58,10 @@ def root_find(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=
     return layer(x, y0)
 
 
-def fixed_point(g, x, z0, *, solver=None, adjoint=None, tol=None, max_iter=None,
-                on_failure="raise", event_ndim=1):
+def fixed_point(g: Callable[..., Tensor], x: Inputs, z0: Tensor, *,
+                solver: RootSolver | None = None, adjoint: Adjoint | None = None,
+                tol: float | None = None, max_iter: int | None = None, on_failure: str = "raise",
+                event_ndim: int = 1) -> Tensor:
     """Solve ``z = g(x, z)`` from ``z0``, differentiably in ``x`` (implicit gradient).
 
     ``tol`` sets both the absolute and relative tolerance of the forward solver (default
@@ -66,8 +80,10 @@ def fixed_point(g, x, z0, *, solver=None, adjoint=None, tol=None, max_iter=None,
     return layer(x, z0)
 
 
-def argmin(objective, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=None,
-           on_failure="raise", event_ndim=1):
+def argmin(objective: Callable[..., Tensor], x: Inputs, y0: Tensor, *,
+           solver: RootSolver | None = None, adjoint: Adjoint | None = None,
+           tol: float | None = None, max_iter: int | None = None, on_failure: str = "raise",
+           event_ndim: int = 1) -> Tensor:
     """``argmin_y objective(x, y)`` from ``y0``, differentiably in ``x`` (implicit gradient).
 
     ``tol`` sets both the absolute and relative gradient tolerance of the solver (default
@@ -85,8 +101,10 @@ def argmin(objective, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=No
     return layer(x, y0)
 
 
-def least_squares(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_iter=None,
-                  on_failure="raise", event_ndim=1):
+def least_squares(residual: Callable[..., Tensor], x: Inputs, y0: Tensor, *,
+                  solver: RootSolver | None = None, adjoint: Adjoint | None = None,
+                  tol: float | None = None, max_iter: int | None = None,
+                  on_failure: str = "raise", event_ndim: int = 1) -> Tensor:
     """``argmin_y ½‖residual(x, y)‖²`` from ``y0``, differentiably in ``x``.
 
     ``tol`` sets both the absolute and relative gradient tolerance of the solver (default
@@ -105,23 +123,32 @@ def least_squares(residual, x, y0, *, solver=None, adjoint=None, tol=None, max_i
     return layer(x, y0)
 
 
-def eq_qp(Q, c, A, b, *, backend="auto"):
+def eq_qp(Q: Matrix, c: Tensor, A: Matrix, b: Tensor, *,
+          backend: EqualityQPBackend = "auto") -> tuple[Tensor, Tensor]:
     """``min ½xᵀQx + cᵀx s.t. Ax = b`` -> ``(x, λ)``; see :class:`EqualityQPLayer`."""
     return EqualityQPLayer(backend)(Q, c, A, b)
 
 
-def qp(Q, c, A=None, b=None, G=None, h=None, *, solver=None, on_failure="raise"):
+def qp(Q: Tensor, c: Tensor, A: Tensor | None = None, b: Tensor | None = None,
+       G: Tensor | None = None, h: Tensor | None = None, *, solver: QPSolver | None = None,
+       on_failure: str = "raise") -> tuple[Tensor, Tensor, Tensor]:
     """``(x, lam, mu)`` of ``min ½xᵀQx + cᵀx s.t. Ax = b, Gx ≤ h``; see :class:`QPLayer`."""
     return QPLayer(solver=solver, on_failure=on_failure)(Q, c, A, b, G, h)
 
 
-def smoothed_lp(c, A=None, b=None, G=None, h=None, *, gamma=1.0, solver=None, on_failure="raise"):
+def smoothed_lp(c: Tensor, A: Tensor | None = None, b: Tensor | None = None,
+                G: Tensor | None = None, h: Tensor | None = None, *, gamma: float = 1.0,
+                solver: QPSolver | None = None, on_failure: str = "raise") -> Tensor:
     """``argmin cᵀx + ½γ‖x‖² s.t. Ax = b, Gx ≤ h`` (exact QP gradient); see :class:`SmoothedLP`."""
     return SmoothedLP(gamma, solver=solver, on_failure=on_failure)(c, A, b, G, h)
 
 
-def perturbed_lp(c, A=None, b=None, G=None, h=None, *, sigma=1.0, samples=8, noise=None,
-                 generator=None, seed=0, variance_reduction=True, solver=None, on_failure="raise"):
+def perturbed_lp(c: Tensor, A: Tensor | None = None, b: Tensor | None = None,
+                 G: Tensor | None = None, h: Tensor | None = None, *, sigma: float = 1.0,
+                 samples: int = 8, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None, seed: int = 0,
+                 variance_reduction: bool = True, solver: QPSolver | None = None,
+                 on_failure: str = "raise") -> Tensor:
     """``E[x*(c + σZ)]`` by Monte Carlo, with its perturbation gradient; see :class:`PerturbedLP`.
 
     Each call builds a fresh layer: with the same ``seed`` every call draws the same noise

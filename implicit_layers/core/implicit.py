@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from implicit_layers.checks import all_finite, check_tensor
-from implicit_layers.compat import any_wrapped, mutation_explained
+from implicit_layers.compat import any_wrapped, func_vjp, mutation_explained
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linear_solve import LinearSolve
 from implicit_layers.core.problem import ImplicitProblem, align_batch_dims
@@ -55,13 +55,14 @@ class ImplicitFunction(torch.autograd.Function):
             batch = y0.shape[: y0.ndim - problem.event_ndim]
             problem.stats.forward = SolverStats.exact("empty", batch, device=y0.device)
             return y0.clone()
+        fixed_point_fn, objective_fn = problem.fixed_point_fn, problem.objective_fn
         root = RootProblem(
             residual=lambda y: problem.fn(xs, y, params),
             event_ndim=problem.event_ndim,
-            fixed_point_map=(lambda y: problem.fixed_point_fn(xs, y, params))
-            if problem.fixed_point_fn is not None else None,
-            objective=(lambda y: problem.objective_fn(xs, y, params))
-            if problem.objective_fn is not None else None,
+            fixed_point_map=(lambda y: fixed_point_fn(xs, y, params))
+            if fixed_point_fn is not None else None,
+            objective=(lambda y: objective_fn(xs, y, params))
+            if objective_fn is not None else None,
             data=xs,
         )
         try:
@@ -148,7 +149,7 @@ def _input_pullback(problem: ImplicitProblem, z, w: Tensor, wanted) -> dict[int,
     """``{i: −(∂f/∂z_i)ᵀ w}`` for the inputs that need a gradient."""
     if problem.input_pullback is not None:
         return problem.input_pullback(z, w, wanted)
-    _, vjp_fn = torch.func.vjp(
+    _, vjp_fn = func_vjp(
         lambda *zs: problem.residual_of_z(*_put(z, wanted, zs)), *(z[i] for i in wanted))
     return {i: -g for i, g in zip(wanted, vjp_fn(w))}
 

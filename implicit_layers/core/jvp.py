@@ -12,13 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from implicit_layers.compat import in_forward_ad
+from implicit_layers.compat import func_jvp, func_vjp, in_forward_ad
 
 
 def jvp(f: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
     """``(f(*primals), J_f(primals) · tangents)``, like ``torch.func.jvp`` for one output."""
     if not in_forward_ad():
-        return torch.func.jvp(f, tuple(primals), tuple(tangents))
-    out, vjp_fn = torch.func.vjp(f, *primals)
-    _, vjp_of_vjp = torch.func.vjp(vjp_fn, torch.zeros_like(out))
+        return func_jvp(f, tuple(primals), tuple(tangents))
+    out, vjp_fn = func_vjp(f, *primals)
+    _, vjp_of_vjp = func_vjp(vjp_fn, torch.zeros_like(out))
     return out, vjp_of_vjp(tuple(tangents))[0]

@@ -9,7 +9,8 @@ is the same for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -20,6 +21,9 @@ from implicit_layers.core.implicit import ImplicitFunction
 from implicit_layers.core.independence import SampleCheck
 from implicit_layers.core.problem import ImplicitProblem
 from implicit_layers.stats import LayerStats
+
+#: a layer's input ``x``: one Tensor, or a tuple (or list) of Tensors
+Inputs = Tensor | Sequence[Tensor]
 
 
 class _Maps(nn.Module):
@@ -32,7 +36,7 @@ class _Maps(nn.Module):
         super().__init__()
         self.residual, self.fixed_point_map, self.objective = residual, fixed_point_map, objective
 
-    def forward(self, which: str, x, y):
+    def forward(self, which: str, x: Inputs, y: Tensor) -> Tensor:
         return getattr(self, which)(x, y)
 
     def functional(self, which: str, packed: bool, params: tuple[Tensor, ...]):
@@ -118,7 +122,13 @@ class ImplicitLayer(nn.Module):
         self.stats = LayerStats()
         self._sample_check = SampleCheck(type(self).__name__, event_ndim)
 
-    def forward(self, x, y0: Tensor | None = None) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward(x, y0=None) → y`` (see :meth:`_forward`); subclasses take their own
+        arguments (a QP's data, a DEQ's ``trajectory=``), which this open signature admits."""
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, x: Inputs, y0: Tensor | None = None) -> Tensor:
+        """``y`` with ``residual(x, y) = 0``, solved from ``y0`` (default ``init(x)``)."""
         packed = isinstance(x, (tuple, list))
         xs = tuple(x) if packed else (x,)
         names = tuple(f"x[{i}]" for i in range(len(xs))) if packed else ("x",)

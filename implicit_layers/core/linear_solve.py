@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.compat import func_vjp
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.linearization import Linearization
 from implicit_layers.core.problem import ImplicitProblem, align_batch_dims
@@ -41,7 +42,7 @@ def _bilinear(problem: ImplicitProblem, a: Tensor, c: Tensor):
 
     def s(*z: Tensor) -> Tensor:
         y = problem.split(z)[1]
-        _, vjp_y = torch.func.vjp(problem.residual_of_y(z), y)
+        _, vjp_y = func_vjp(problem.residual_of_y(z), y)
         return (_over_extra(lambda w: vjp_y(w)[0], a, y) * c).sum()
 
     return s
@@ -53,7 +54,7 @@ def _products(problem: ImplicitProblem, transpose: bool, v: Tensor):
     def kv(*z: Tensor) -> Tensor:
         f_y, y = problem.residual_of_y(z), problem.split(z)[1]
         if transpose:
-            vjp_y = torch.func.vjp(f_y, y)[1]
+            vjp_y = func_vjp(f_y, y)[1]
             return _over_extra(lambda w: vjp_y(w)[0], v, y)
         return _over_extra(lambda u: jvp(f_y, (y,), (u,))[1], v, y)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from implicit_layers.compat import VjpFn, func_vjp
 from implicit_layers.core.jvp import jvp
 from implicit_layers.core.problem import ImplicitProblem
 from implicit_layers.linalg.base import LinearOperator
@@ -35,7 +36,7 @@ class Linearization:
         self.batch_shape = self.root_problem.batch_shape(self.y)
         self.n = self.y.shape[len(self.batch_shape):].numel()
         self.aux = problem.aux
-        self._vjp = None
+        self._vjp: VjpFn | None = None
 
     def cached(self, tag: str, make):
         """``make()`` computed once for this point (see :meth:`ImplicitProblem.cached`)."""
@@ -46,7 +47,7 @@ class Linearization:
 
     def _rvjp(self, w: Tensor) -> Tensor:
         if self._vjp is None:
-            _, self._vjp = torch.func.vjp(self.f_y, self.y)
+            _, self._vjp = func_vjp(self.f_y, self.y)
         return self._vjp(w)[0]
 
     def _mapped(self, fn, v: Tensor) -> Tensor:

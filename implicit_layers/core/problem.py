@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from implicit_layers.stats import LayerStats
 Residual = Callable[[tuple[Tensor, ...], Tensor, tuple[Tensor, ...]], Tensor]
 #: ``(z, w, wanted) ↦ {i: −(∂f/∂z_i)ᵀ w}``: a closed-form pullback of the residual
 InputPullback = Callable[[tuple[Tensor, ...], Tensor, tuple[int, ...]], dict[int, Tensor]]
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -75,7 +76,8 @@ class ImplicitProblem:
     aux: Any = None
     cache: dict = field(default_factory=dict)
 
-    def split(self, z: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor, tuple[Tensor, ...]]:
+    def split(self, z: tuple[_T, ...]) -> tuple[tuple[_T, ...], _T, tuple[_T, ...]]:
+        """``z = (*xs, y, *params)`` (tensors, or one in-dim per tensor) as ``(xs, y, params)``."""
         return tuple(z[: self.n_x]), z[self.n_x], tuple(z[self.n_x + 1 :])
 
     def residual_of_y(self, z: tuple[Tensor, ...]) -> Callable[[Tensor], Tensor]:
@@ -98,16 +100,15 @@ class ImplicitProblem:
             return replace(self, aux=None, cache={}, sample_check=None)
         xd, yd, pd = self.split(dims)
 
-        def lift(fn: Residual | None) -> Residual | None:
-            if fn is None:
-                return None
+        def lift(fn: Residual) -> Residual:
             return lambda xs, y, ps: torch.func.vmap(
                 fn, in_dims=(tuple(xd), yd, tuple(pd)), randomness=randomness
             )(xs, y, ps)
 
-        return replace(self, fn=lift(self.fn), fixed_point_fn=lift(self.fixed_point_fn),
-                       objective_fn=lift(self.objective_fn), input_pullback=None, aux=None,
-                       cache={}, sample_check=None)
+        return replace(self, fn=lift(self.fn),
+                       fixed_point_fn=None if self.fixed_point_fn is None else lift(self.fixed_point_fn),
+                       objective_fn=None if self.objective_fn is None else lift(self.objective_fn),
+                       input_pullback=None, aux=None, cache={}, sample_check=None)
 
     def cached(self, tag: str, z: tuple[Tensor, ...], make: Callable[[], Any]) -> Any:
         """``make()``, computed once per problem for the point ``z`` of this call (every solve

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from implicit_layers.checks import check_count, check_positive
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint
-from implicit_layers.core.layer import ImplicitLayer
+from implicit_layers.core.layer import ImplicitLayer, Inputs
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.dense import Cholesky
 from implicit_layers.solvers.base import RootSolver
@@ -166,3 +166,7 @@ class ArgminLayer(ImplicitLayer):
                          adjoint if adjoint is not None else HessianAdjoint(),
                          event_ndim=event_ndim, on_failure=on_failure, init=init,
                          objective=objective)
+
+    def forward(self, x: Inputs, y0: Tensor | None = None) -> Tensor:
+        """``argmin_y objective(x, y)``, descended from ``y0`` (default ``init(x)``)."""
+        return self._forward(x, y0)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from implicit_layers.core.adjoint import Adjoint
-from implicit_layers.core.layer import ImplicitLayer
+from implicit_layers.core.layer import ImplicitLayer, Inputs
 from implicit_layers.layers.argmin import HessianAdjoint
 from implicit_layers.solvers.base import RootSolver
 from implicit_layers.solvers.least_squares.base import NormalEquations, SumOfSquares
@@ -126,3 +126,7 @@ class LeastSquaresLayer(ImplicitLayer):
                          adjoint if adjoint is not None else LeastSquaresAdjoint(),
                          event_ndim=event_ndim, on_failure=on_failure, init=init,
                          objective=SumOfSquares(residual, event_ndim))
+
+    def forward(self, x: Inputs, y0: Tensor | None = None) -> Tensor:
+        """``argmin_y ½‖residual(x, y)‖²``, solved from ``y0`` (default ``init(x)``)."""
+        return self._forward(x, y0)

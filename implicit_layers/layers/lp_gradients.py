@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from implicit_layers.checks import check_tensor
 from implicit_layers.layers.qp.layer import QPLayer
+from implicit_layers.solvers.qp.base import QPSolver
 
 
 def _positive(name: str, value) -> float:
@@ -69,12 +70,14 @@ class SmoothedLP(nn.Module):
     tensor([-0.2500,  0.2500], dtype=torch.float64)
     """
 
-    def __init__(self, gamma: float = 1.0, solver=None, on_failure: str = "raise"):
+    def __init__(self, gamma: float = 1.0, solver: QPSolver | None = None,
+                 on_failure: str = "raise"):
         super().__init__()
         self.gamma = _positive("gamma", gamma)
         self.qp = QPLayer(solver=solver, on_failure=on_failure)
 
-    def forward(self, c: Tensor, A=None, b=None, G=None, h=None) -> Tensor:
+    def forward(self, c: Tensor, A: Tensor | None = None, b: Tensor | None = None,
+                G: Tensor | None = None, h: Tensor | None = None) -> Tensor:
         c = check_tensor("c", c, min_ndim=1)
         return self.qp(_identity_like(c, self.gamma), c, A, b, G, h)[0]
 
@@ -156,8 +159,8 @@ class PerturbedLP(nn.Module):
     """
 
     def __init__(self, sigma: float = 1.0, samples: int = 8, *, variance_reduction: bool = True,
-                 seed: int = 0, generator: torch.Generator | None = None, solver=None,
-                 on_failure: str = "raise"):
+                 seed: int = 0, generator: torch.Generator | None = None,
+                 solver: QPSolver | None = None, on_failure: str = "raise"):
         super().__init__()
         self.sigma = _positive("sigma", sigma)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -180,7 +183,9 @@ class PerturbedLP(nn.Module):
             gen = self._generators[c.device]
         return torch.randn((self.samples, *c.shape), generator=gen, dtype=c.dtype, device=c.device)
 
-    def solve(self, c: Tensor, A=None, b=None, G=None, h=None, *, noise=None):
+    def solve(self, c: Tensor, A: Tensor | None = None, b: Tensor | None = None,
+              G: Tensor | None = None, h: Tensor | None = None, *,
+              noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(X, Z)``: the solutions ``X[s] = x*(c + σZ[s])`` and the noise ``Z``, no gradient."""
         c = check_tensor("c", c, min_ndim=1)
         for name, t in (("A", A), ("b", b), ("G", G), ("h", h)):
@@ -196,7 +201,9 @@ class PerturbedLP(nn.Module):
             X = self.qp(_identity_like(c, 0.0), c.detach() + self.sigma * noise, A, b, G, h)[0]
         return X, noise
 
-    def forward(self, c: Tensor, A=None, b=None, G=None, h=None, *, noise=None) -> Tensor:
+    def forward(self, c: Tensor, A: Tensor | None = None, b: Tensor | None = None,
+                G: Tensor | None = None, h: Tensor | None = None, *,
+                noise: Tensor | None = None) -> Tensor:
         X, Z = self.solve(c, A, b, G, h, noise=noise)
         # Value-preserving construction of the estimator (no autograd.Function): with
         # δ = c − c.detach(), whose value is exactly 0 and whose derivative is the identity,

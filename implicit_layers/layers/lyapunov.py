@@ -64,12 +64,12 @@ class LyapunovLayer(SylvesterTypeLayer):
     kind, names, b_is_a_transposed = "continuous", ("A", "Q"), True
 
     @staticmethod
-    def residual(x, P):
+    def residual(x: tuple[Tensor, ...], P: Tensor) -> Tensor:
         A, Q = x
         return A @ P + P @ A.mT + Q
 
     @staticmethod
-    def operands(x):
+    def operands(x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         A, Q = x
         return A, A.mT, -Q
 
@@ -95,12 +95,12 @@ class DiscreteLyapunovLayer(SylvesterTypeLayer):
     kind, names, b_is_a_transposed = "stein", ("A", "Q"), True
 
     @staticmethod
-    def residual(x, P):
+    def residual(x: tuple[Tensor, ...], P: Tensor) -> Tensor:
         A, Q = x
         return A @ P @ A.mT - P + Q
 
     @staticmethod
-    def operands(x):
+    def operands(x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         A, Q = x
         return A, A.mT, -Q
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import Tensor
+
 from implicit_layers.core.adjoint import Adjoint
-from implicit_layers.core.layer import ImplicitLayer
+from implicit_layers.core.layer import ImplicitLayer, Inputs
 from implicit_layers.solvers.base import RootSolver
 from implicit_layers.solvers.newton import Newton
 
@@ -32,3 +34,7 @@ class RootFindLayer(ImplicitLayer):
                  adjoint: Adjoint | None = None, *, event_ndim: int = 1, on_failure: str = "raise"):
         super().__init__(residual, solver if solver is not None else Newton(), adjoint,
                          event_ndim=event_ndim, on_failure=on_failure)
+
+    def forward(self, x: Inputs, y0: Tensor | None = None) -> Tensor:
+        """``y`` with ``residual(x, y) = 0``, solved from ``y0``."""
+        return self._forward(x, y0)

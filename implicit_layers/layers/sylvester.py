@@ -24,6 +24,8 @@ nothing assuming symmetry of ``C``, ``X̄`` or ``W``. For Lyapunov, ``Ā = −(W
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -115,6 +117,10 @@ class SylvesterTypeLayer(ImplicitLayer):
     kind = "continuous"
     names: tuple[str, ...] = ("A", "B", "C")
     b_is_a_transposed = False
+    #: ``(inputs, X) ↦ f``, the equation's residual (a static method of each subclass)
+    residual: Callable[[tuple[Tensor, ...], Tensor], Tensor]
+    #: ``inputs ↦ (A, B, C)`` of ``A X + X B = C`` (a static method of each subclass)
+    operands: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]
 
     def __init__(self, backend: str = "auto", rcond: float | None = None,
                  eig_max_cond: float | None = None):
@@ -185,12 +191,12 @@ class SylvesterLayer(SylvesterTypeLayer):
     """
 
     @staticmethod
-    def residual(x, X):
+    def residual(x: tuple[Tensor, ...], X: Tensor) -> Tensor:
         A, B, C = x
         return A @ X + X @ B - C
 
     @staticmethod
-    def operands(x):
+    def operands(x: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return x
 
     def forward(self, A: Tensor, B: Tensor, C: Tensor) -> Tensor:

@@ -226,6 +226,7 @@ def _mixing_coefficients(gram, rhs, count, eye, lam: float):
     with np.errstate(all="ignore") if on_host else contextlib.nullcontext():
         scale = gram.diagonal(0, -2, -1).sum(-1)[:, None] / count
         system = gram + (scale * lam).clip(min=_TINY)[:, :, None] * eye
+        gamma: np.ndarray | Tensor
         if on_host:
             gamma = _solve_each(system, rhs)
         else:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from implicit_layers.compat import func_vjp
 from implicit_layers.errors import ConvergenceError
 from implicit_layers.stats import SolverStats
 
@@ -117,7 +118,7 @@ class RootProblem:
         """
         batch = self.batch_shape(y)
         n = math.prod(y.shape[len(batch):])
-        fy, vjp_fn = torch.func.vjp(self.residual, y)
+        fy, vjp_fn = func_vjp(self.residual, y)
         if fy.shape != y.shape:
             raise ValueError(f"residual returned shape {tuple(fy.shape)}, expected {tuple(y.shape)}")
         eye = torch.eye(n, dtype=y.dtype, device=y.device)
@@ -344,6 +345,6 @@ class IterationLog:
         )
 
 
-def where_active(active: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+def where_active(active: Tensor | None, new: Tensor, old: Tensor | float) -> Tensor:
     """``new`` for the active rows (``(B, 1)`` mask; None = all), ``old`` for the frozen ones."""
     return new if active is None else torch.where(active, new, old)

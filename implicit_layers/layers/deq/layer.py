@@ -32,7 +32,7 @@ from torch import Tensor
 
 from implicit_layers.compat import is_wrapped
 from implicit_layers.core.adjoint import Adjoint, FixedPointAdjoint
-from implicit_layers.core.layer import ImplicitLayer
+from implicit_layers.core.layer import ImplicitLayer, Inputs
 from implicit_layers.layers.deq.stability import (
     jacobian_frobenius_estimate,
     spectral_radius,
@@ -135,9 +135,11 @@ class DEQLayer(ImplicitLayer):
 
     @property
     def cell(self) -> Callable:
-        return self.fn.fixed_point_map
+        cell = self.fn.fixed_point_map
+        assert cell is not None, "a DEQLayer's fixed-point map is its cell"
+        return cell
 
-    def forward(self, x, z0: Tensor | None = None, *,
+    def forward(self, x: Inputs, z0: Tensor | None = None, *,
                 trajectory: int | None = None) -> Tensor | list[Tensor]:
         """Solve ``z = cell(x, z)`` from ``z0`` (default ``init(x)``); returns ``z*``.
 
@@ -169,9 +171,11 @@ class DEQLayer(ImplicitLayer):
                                  atol=self._absolute_tolerance(z.dtype))
         if trajectory is None:
             return z
-        last = int(self.stats.forward.iterations.max()) if z.numel() else 0
+        forward = self.stats.forward
+        assert forward is not None, "the recorded solve reported its stats"
+        last = int(forward.iterations.max()) if z.numel() else 0
         iterations, states = recorder.pick(last)
-        self.stats.forward.extra["trajectory"] = [*iterations, last]
+        forward.extra["trajectory"] = [*iterations, last]
         at_point = self._sibling(GivenPoint(), self.trajectory_adjoint)
         return [at_point(x, state) for state in states] + [z]
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from implicit_layers.compat import func_vjp
 from implicit_layers.errors import ConvergenceWarning
 
 Map = Callable[[Tensor], Tensor]
@@ -61,7 +62,7 @@ def jacobian_frobenius_estimate(fn: Map, z: Tensor, *, event_ndim: int = 1, samp
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     point = z.detach()
-    _, vjp_fn = torch.func.vjp(fn, point)
+    _, vjp_fn = func_vjp(fn, point)
     total = point.new_zeros(point.shape[: point.ndim - event_ndim])
     for _ in range(samples):
         eps = torch.randn(point.shape, generator=generator, dtype=point.dtype, device=point.device)
@@ -99,7 +100,7 @@ def spectral_radius(fn: Map, z: Tensor, *, event_ndim: int = 1, iters: int = 30,
         raise ValueError(f"iters must be >= 2, got {iters}")
     point = z.detach()
     with torch.no_grad():
-        _, vjp_fn = torch.func.vjp(fn, point)
+        _, vjp_fn = func_vjp(fn, point)
         v = torch.randn(point.shape, generator=generator, dtype=point.dtype, device=point.device)
         v = v / _per_sample_sq_norm(v, event_ndim).sqrt().reshape(*v.shape[: v.ndim - event_ndim],
                                                                   *([1] * event_ndim))

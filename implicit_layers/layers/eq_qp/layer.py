@@ -43,10 +43,12 @@ from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.layers.eq_qp.dense import DenseKKTBackend
 from implicit_layers.layers.eq_qp.osqp import OSQPBackend
-from implicit_layers.layers.eq_qp.sparse import SparseKKTBackend, is_sparse
+from implicit_layers.layers.eq_qp.sparse import Matrix, SparseKKTBackend, is_sparse
 from implicit_layers.linalg.kkt.equality import dense_matvec, sym_matvec
 
 BACKENDS = {"dense": DenseKKTBackend, "sparse": SparseKKTBackend, "osqp": OSQPBackend}
+#: a backend name ("auto", "dense", "sparse", "osqp") or instance
+EqualityQPBackend = str | DenseKKTBackend | SparseKKTBackend | OSQPBackend
 #: non-batch dims of (Q, c, A, b)
 EVENT_NDIMS = (2, 1, 2, 1)
 
@@ -140,7 +142,7 @@ class EqualityQPLayer(ImplicitLayer):
     tensor([-0.5000,  0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, backend="auto"):
+    def __init__(self, backend: EqualityQPBackend = "auto"):
         if isinstance(backend, str):
             if backend != "auto" and backend not in BACKENDS:
                 raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, "
@@ -163,7 +165,7 @@ class EqualityQPLayer(ImplicitLayer):
             self._instances[name] = BACKENDS[name]()
         return self._instances[name]
 
-    def forward(self, Q, c: Tensor, A, b: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, Q: Matrix, c: Tensor, A: Matrix, b: Tensor) -> tuple[Tensor, Tensor]:
         backend = self.resolve(Q, A)
         self.on_failure = getattr(backend, "on_failure", "raise")
         if backend.accepts_sparse and (is_sparse(Q) or is_sparse(A)):

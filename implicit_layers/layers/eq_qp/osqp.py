@@ -33,7 +33,8 @@ class LazyKKTFactorization(Factorization):
 
     def __init__(self, Q: Tensor, A: Tensor, refine: int):
         self.Q, self.A, self.refine = Q, A, refine
-        self.stats, self._fac = None, None
+        self.stats = None
+        self._fac: KKTFactorization | None = None
 
     def solve(self, b: Tensor, transpose: bool = False) -> Tensor:
         if self._fac is None:

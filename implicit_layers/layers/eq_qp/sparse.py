@@ -16,6 +16,8 @@ the device and dtype of c.
 
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -26,11 +28,14 @@ from implicit_layers.compat import is_wrapped
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.sparse import SparseSaddleLDL
-from implicit_layers.solvers.base import SolveResult
+from implicit_layers.solvers.base import RootProblem, SolveResult
 from implicit_layers.stats import SolverStats
 
+#: a matrix argument of the equality QP: a dense or sparse Tensor, or a SciPy sparse matrix
+Matrix = Tensor | sp.spmatrix | sp.sparray
 
-def is_sparse(M) -> bool:
+
+def is_sparse(M: object) -> bool:
     return sp.issparse(M) or (isinstance(M, Tensor) and M.layout != torch.strided)
 
 
@@ -95,7 +100,17 @@ class SparseKKTProblem(Factorization):
         return torch.cat([Qx + c + self.A.matvec(Av, lam, transpose=True),
                           self.A.matvec(Av, x) - b])
 
-    def solve(self, problem, y0: Tensor | None = None, transpose: bool = False):
+    # one object is both the layer's forward solver, solve(problem, y0), and the adjoint's
+    # factorization, solve(b, transpose=...): the second positional name differs from the base's
+    @overload  # type: ignore[override]
+    def solve(self, problem: Tensor, y0: Tensor | bool | None = None,
+              transpose: bool = False) -> Tensor: ...
+    @overload
+    def solve(self, problem: RootProblem, y0: Tensor | None = None,
+              transpose: bool = False) -> SolveResult: ...
+
+    def solve(self, problem: Tensor | RootProblem, y0: Tensor | bool | None = None,
+              transpose: bool = False) -> Tensor | SolveResult:
         """As the layer's forward solver (``problem`` a RootProblem with ``data = (Qv, c,
         Av, b)``): the solution ``(x; λ)`` of ``K (x; λ) = (−c; b)``. As a factorization of
         the symmetric K (``problem`` a tensor of right-hand sides ``(*extra, n + m)``)."""

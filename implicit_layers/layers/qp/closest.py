@@ -57,6 +57,7 @@ def _merged(first: LayerStats, second: LayerStats, idx: Tensor, shift: Tensor, b
     """The first solve's stats with the re-solved samples' entries from the second, their
     status ``CLOSEST_FEASIBLE`` where the shifted QP was solved."""
     fwd, sub = first.forward, second.forward
+    assert fwd is not None and sub is not None, "both forward solves ran"
     flat = lambda t: t.reshape(-1, *t.shape[len(batch):])  # noqa: E731
     for name in ("iterations", "residual", "converged"):
         merged = flat(getattr(fwd, name)).clone()

@@ -88,6 +88,15 @@ class CvxpyQPLayer(nn.Module):
     tensor([1., 0.], dtype=torch.float64)
     """
 
+    # buffers: the canonical data as affine maps of θ = (parameters, 1), set in __init__
+    P_map: Tensor
+    q_map: Tensor
+    A_map: Tensor
+    b_map: Tensor
+    G_map: Tensor
+    h_map: Tensor
+    lower_map: Tensor
+
     def __init__(self, problem, parameters, variables, layer: nn.Module, two_sided: bool = True):
         super().__init__()
         import cvxpy as cp

@@ -166,5 +166,5 @@ def _failure_message(status: Tensor, solver: str) -> str | None:
     failed = [(s, int((status == s).sum())) for s in ADVICE]
     if not any(k for _, k in failed):
         return None
-    failed = [f"{k} {ADVICE[s]}" for s, k in failed if k]
-    return f"({solver}: {'; '.join(failed)})" if failed else None
+    parts = [f"{k} {ADVICE[s]}" for s, k in failed if k]
+    return f"({solver}: {'; '.join(parts)})" if parts else None

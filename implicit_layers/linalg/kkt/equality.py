@@ -114,6 +114,7 @@ class SchurKKT(KKTFactors):
     """Cholesky of Q and of the Schur complement ``A Q⁻¹ Aᵀ`` (Q positive definite)."""
 
     name = "dense-schur"
+    info: Tensor  # set by :meth:`unchecked`: > 0 where a Cholesky failed
 
     def __init__(self, L: Tensor, M: Tensor, L_S: Tensor):
         self.L, self.M, self.L_S = L, M, L_S

@@ -141,7 +141,8 @@ class PrimalKKTFactor(PerSampleFactor):
         return self._masked(z1, z2, z3, Gz1)
 
     def solve(self, r1: Tensor, r2: Tensor, r3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.solve_and_product(r1, r2, r3)[:3]
+        z1, z2, z3, _ = self.solve_and_product(r1, r2, r3)
+        return z1, z2, z3
 
     @classmethod
     def identity(cls, Q: Tensor, A: Tensor, G: Tensor, delta: float) -> PrimalKKTFactor:

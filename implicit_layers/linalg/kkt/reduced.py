@@ -59,6 +59,7 @@ def _well_conditioned(L: Tensor, info: Tensor, steps: int = 3) -> bool:
         v = tri(L, tri(L, v.unsqueeze(-1)), transpose=True).squeeze(-1)
         inv_norm = v.norm(dim=-1, keepdim=True)
         v = v / inv_norm
+    assert inv_norm is not None, "steps must be >= 1"
     cond = L.square().sum((-2, -1)) * inv_norm.squeeze(-1)
     return bool((torch.isfinite(cond) & (cond <= MAX_COND[L.dtype])).all())
 
@@ -147,6 +148,7 @@ class ReducedQPKKTFactor(PerSampleFactor):
             Uy = mv(b.U, r1)
             rhs3 = rhs3 + Uy[..., p:]
             if p > 0:
+                assert r2 is not None, "r₂ = None stands for zeros only with r₁ = None"
                 u = tri(b.R, (Uy[..., :p] - r2).unsqueeze(-1)).squeeze(-1)
                 rhs3 = rhs3 - mv(b.T.mT, u)
         z3 = tri(self.LK, tri(self.LK, rhs3.unsqueeze(-1)), transpose=True).squeeze(-1)

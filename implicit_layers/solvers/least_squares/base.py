@@ -11,14 +11,14 @@ also when the core has wrapped it in ``vmap``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
 
-from implicit_layers.compat import in_forward_ad
+from implicit_layers.compat import func_jvp, func_vjp, in_forward_ad
 from implicit_layers.errors import SingularSystemError
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.dense import Cholesky
@@ -33,7 +33,7 @@ RANK_DEFICIENT = ("the residual's Jacobian ∂r/∂y is rank deficient, so the l
 
 
 @contextmanager
-def residual_vectors():
+def residual_vectors() -> Iterator[list]:
     """Inside this block a :class:`SumOfSquares` returns ``r`` instead of ``½‖r‖²``; yields a
     list that records whether one answered."""
     answered: list = []
@@ -66,7 +66,7 @@ class SumOfSquares(nn.Module):
         super().__init__()
         self.residual, self.event_ndim = residual, event_ndim
 
-    def forward(self, x, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor | tuple[Tensor, ...], y: Tensor) -> Tensor:
         r = self.residual(x, y)
         batch = y.shape[: y.ndim - self.event_ndim]
         if r.shape[: len(batch)] != batch:
@@ -114,7 +114,7 @@ class Residuals(Objective):
 
     def _r(self, y: Tensor) -> Tensor:
         with residual_vectors() as answered:
-            r = self.problem.objective(self.unflat(y))
+            r = self.objective(self.unflat(y))
         if not answered:
             raise ValueError(f"{self.solver} needs a least-squares problem: its objective must "
                              "be a SumOfSquares (use il.LeastSquaresLayer)")
@@ -132,10 +132,11 @@ class Residuals(Objective):
         eye = torch.eye(self.n, dtype=y.dtype, device=y.device)
         if not in_forward_ad():
             basis = eye[:, None, :].expand(self.n, self.B, self.n)
-            r, cols = torch.func.vmap(lambda t: torch.func.jvp(self._r, (y,), (t,)),
-                                      out_dims=(None, 0))(basis)
+            # torch's out_dims_t annotation omits None, which vmap accepts (torch 2.13)
+            r, cols = torch.func.vmap(lambda t: func_jvp(self._r, (y,), (t,)),
+                                      out_dims=(None, 0))(basis)  # type: ignore[arg-type]
             return r, cols.permute(1, 2, 0)
-        r, vjp = torch.func.vjp(self._r, y)
+        r, vjp = func_vjp(self._r, y)
         m = r.shape[-1]
         basis = torch.eye(m, dtype=y.dtype, device=y.device)[:, None, :].expand(m, self.B, m)
         (rows,) = torch.func.vmap(vjp)(basis)

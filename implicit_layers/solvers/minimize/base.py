@@ -16,10 +16,12 @@ the per-sample gradient, since samples are independent).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from implicit_layers.compat import is_wrapped
+from implicit_layers.compat import func_vjp_with_aux, is_wrapped
 from implicit_layers.errors import ConvergenceError
 from implicit_layers.solvers.base import RootProblem, RootSolver
 from implicit_layers.stats import SolverStats
@@ -49,6 +51,7 @@ class Objective:
             raise ValueError(f"{solver} minimizes an objective: the problem has none (use "
                              "il.ArgminLayer, or pass objective= to the RootProblem)")
         self.problem, self.shape = problem, y0.shape
+        self.objective: Callable[[Tensor], Tensor] = problem.objective
         self.batch_shape = problem.batch_shape(y0)
         self.B = self.batch_shape.numel()
         self.n = y0.shape[len(self.batch_shape):].numel()
@@ -62,7 +65,7 @@ class Objective:
         return y.reshape(self.shape)
 
     def _values(self, y: Tensor) -> Tensor:
-        f = self.problem.objective(self.unflat(y))
+        f = self.objective(self.unflat(y))
         if f.shape != self.batch_shape:
             raise ValueError(f"objective must return one value per sample, shape "
                              f"{tuple(self.batch_shape)}; got {tuple(f.shape)}")
@@ -95,7 +98,7 @@ class Objective:
         self.evaluations += 1
         if _functional(y):
             grad = torch.func.grad(self._total, has_aux=True)
-            g, vjp, f = torch.func.vjp(grad, y, has_aux=True)
+            g, vjp, f = func_vjp_with_aux(grad, y)
             return f, g, lambda v: vjp(v)[0]  # ∇²f is symmetric: the VJP is the HVP
         with torch.enable_grad():
             v0 = y.detach().requires_grad_()

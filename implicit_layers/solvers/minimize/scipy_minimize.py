@@ -103,7 +103,7 @@ class ScipyMinimize(Minimizer):
         """SciPy's gradient tolerance (its norms are over the whole batch: the ∞-norm bound
         ``tol / √n`` keeps each sample's 2-norm under ``tol``) and iteration budget."""
         tol, _ = self.tolerances(dtype)
-        options = {"maxfun" if self.method == "TNC" else "maxiter": self.max_iter}
+        options: dict[str, float] = {"maxfun" if self.method == "TNC" else "maxiter": self.max_iter}
         if self.method in _GTOL:
             options["gtol"] = tol / math.sqrt(max(n, 1))
         if self.method == "L-BFGS-B":

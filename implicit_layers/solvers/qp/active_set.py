@@ -44,8 +44,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from implicit_layers.linalg.kkt.inequality import PrimalKKT, kkt_product, mv
-from implicit_layers.linalg.kkt.reduced import ReducedQPKKT
+from implicit_layers.linalg.kkt.inequality import PrimalKKT, PrimalKKTFactor, kkt_product, mv
+from implicit_layers.linalg.kkt.reduced import ReducedQPKKT, ReducedQPKKTFactor
 from implicit_layers.solvers.qp.base import QPSolution, QPStatus
 from implicit_layers.solvers.qp.problem import QPProblem, Scaling, inf_norm
 
@@ -105,13 +105,15 @@ class ActiveSetKKT:
         self.active = active
         self.G_active = scaled.G * active.unsqueeze(-1)
         self.w = (1 - active) * scaling.E_G ** 2 / scaling.sigma.unsqueeze(-1)
-        self.fac = None if system is None else system.masked(upper | lower).factor(self.w, reg)
-        if self.fac is None or not bool(self.fac.ok.all()):
+        fac: ReducedQPKKTFactor | PrimalKKTFactor | None = (
+            None if system is None else system.masked(upper | lower).factor(self.w, reg))
+        if fac is None or not bool(fac.ok.all()):
             # the reduced order needs independent active rows (an LP-like vertex with a
             # tiny Q has dependent ones); the regularized primal order does not
             kkt = PrimalKKT(scaled.Q, scaled.A, self.G_active, rho=reg, delta=reg)
-            self.fac = kkt.factor(self.w)
-        self.ok = self.fac.ok
+            fac = kkt.factor(self.w)
+        self.fac = fac
+        self.ok = fac.ok
         self.max_refine = max_refine
         self.tol = torch.finfo(dtype).eps ** 0.75
         self.data_norm = _data_norm(scaled)
@@ -124,16 +126,17 @@ class ActiveSetKKT:
         solve runs in the factorization's dtype and returns the right-hand sides'."""
         given, dtype = r1.dtype, self.problem.c.dtype
         if given != dtype:
-            return tuple(z.to(given) for z in self.solve(r1.to(dtype), r2.to(dtype), r3.to(dtype)))
+            z1, z2, z3 = self.solve(r1.to(dtype), r2.to(dtype), r3.to(dtype))
+            return z1.to(given), z2.to(given), z3.to(given)
         S = self.scaling
         sig = S.sigma.unsqueeze(-1)
-        r = (r1 * sig * S.D, r2 * S.E_A, r3 * S.E_G)
+        r: tuple[Tensor, ...] = (r1 * sig * S.D, r2 * S.E_A, r3 * S.E_G)
         shape = r[0].shape[:-1]
         probing = self.structural is None
         if probing:  # one generic right-hand side more, stacked: inconsistent iff K is singular
             r = tuple(torch.cat([ri.reshape(shape[:-1].numel(), *ri.shape[-2:]), pi.unsqueeze(0)])
                       for ri, pi in zip(r, self._probe(), strict=True))
-        z = self.fac.solve(*r)
+        z: tuple[Tensor, ...] = self.fac.solve(*r)
         P = self.scaled
         threshold = self.tol * (_stacked_inf(r) + self.data_norm * _stacked_inf(z))
         best = torch.full_like(threshold, float("inf"))
@@ -293,7 +296,8 @@ def narrowed(problem: QPProblem, sol: QPSolution, tol: float) -> QPSolution:
 CORRECTIONS = 3
 
 
-def _polished(fac: ActiveSetKKT, problem: QPProblem, sol: QPSolution, usable: Tensor, tol: float):
+def _polished(fac: ActiveSetKKT, problem: QPProblem, sol: QPSolution, usable: Tensor, tol: float
+              ) -> tuple[tuple[Tensor, ...], Tensor, tuple[Tensor, Tensor]]:
     """``((x, λ, μ), accepted, (x_p, μ_p))``: the solver's point with the polished one in
     the ``usable`` samples where it is optimal, which of them, and the plain polished point
     (for :func:`corrected`)."""
@@ -318,8 +322,9 @@ def _polished(fac: ActiveSetKKT, problem: QPProblem, sol: QPSolution, usable: Te
     return (x, lam, mu), accepted, (xp, mp)
 
 
-def _accept(problem: QPProblem, candidate, current, eligible: Tensor, fac: ActiveSetKKT,
-            tol: float):
+def _accept(problem: QPProblem, candidate: tuple[Tensor, Tensor, Tensor],
+            current: tuple[Tensor, Tensor, Tensor], eligible: Tensor, fac: ActiveSetKKT,
+            tol: float) -> tuple[tuple[Tensor, ...], Tensor]:
     """``current`` replaced by ``candidate`` where it is optimal to ``tol`` with multipliers
     of the right signs on ``fac``'s active sides (wrong-signed ones within ``tol`` of 0 are
     set to 0 and must pass the test so); also returns where it was."""

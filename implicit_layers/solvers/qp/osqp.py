@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -129,7 +130,7 @@ class OSQP(QPSolver):
             xs, ys[:, :p], ys[:, p:])))
         xs = x64.cpu().numpy()
         Gx = np.einsum("bmn,bn->bm", G, xs)
-        to = dict(dtype=dtype, device=device)
+        to: dict[str, Any] = dict(dtype=dtype, device=device)
         x, y = x64.to(dtype), torch.cat([lam64, mu64], -1).to(dtype)
         slack_u, slack_l = torch.as_tensor(up - Gx, **to), torch.as_tensor(Gx - lo, **to)
         status_t = torch.as_tensor(status, device=device)

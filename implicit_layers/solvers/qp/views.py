@@ -17,6 +17,8 @@ Both expose: ``c`` (in the iteration's coordinates), ``products``, ``original``,
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import Tensor
 
@@ -119,6 +121,6 @@ def make_view(problem: QPProblem, whiten: bool, reg: float) -> PrimalView | Whit
     return PrimalView(problem, PrimalKKT(P.Q, P.A, P.G, rho=reg, delta=reg, delta_ineq=0.0))
 
 
-def is_whitened(view) -> bool:
+def is_whitened(view: object) -> TypeGuard[WhitenedView]:
     return isinstance(view, WhitenedView)
 
