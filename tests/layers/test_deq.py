@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import implicit_layers as il
-from experiments.bench.harness import saved_tensor_bytes
 from implicit_layers import functional as F
+from implicit_layers.testing.memory import saved_tensor_bytes
 
 D64 = torch.float64
 
