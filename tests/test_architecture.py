@@ -86,3 +86,20 @@ def test_no_import_cycles():
         if node not in seen:
             visit(node)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_library_tests_do_not_import_the_experiments():
+    """Tests of the library (everything but tests/experiments) run without the experiments."""
+    tests = pathlib.Path(__file__).parent
+
+    def imports_experiments(path: pathlib.Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n == "experiments" or n.startswith("experiments.") for n in names):
+                return True
+        return False
+
+    library_tests = [p for p in tests.rglob("*.py") if "experiments" not in p.relative_to(tests).parts]
+    assert len(library_tests) > 20
+    assert [str(p.relative_to(tests)) for p in library_tests if imports_experiments(p)] == []
