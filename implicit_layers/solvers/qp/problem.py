@@ -115,13 +115,15 @@ class QPProblem:
         if _well_scaled(aQ, aA, aG):  # every row and column norm within [1/4, 4] already
             iterations = 0
         for _ in range(iterations):
-            Dr = D.unsqueeze(-2)  # column scales as a row
-            col = torch.maximum(_col_norm(aQ * D.unsqueeze(-1) * Dr) if Q.shape[-1] else D,
-                                torch.maximum(_col_norm(aA * E_A.unsqueeze(-1) * Dr),
-                                              _col_norm(aG * E_G.unsqueeze(-1) * Dr)))
+            # the norms of the scaled |M|: max_i |M_ij| r_i c_j = c_j · max_i (|M_ij| r_i) for
+            # positive scalings, one product per matrix and side
+            col = torch.maximum(_abs_col_norm(aQ * D.unsqueeze(-1)) * D if Q.shape[-1] else D,
+                                torch.maximum(_abs_col_norm(aA * E_A.unsqueeze(-1)),
+                                              _abs_col_norm(aG * E_G.unsqueeze(-1))) * D)
             d = _ruiz_factor(col)
-            e_A = _ruiz_factor(inf_norm(aA * Dr) * E_A)
-            e_G = _ruiz_factor(inf_norm(aG * Dr) * E_G)
+            Dr = D.unsqueeze(-2)  # column scales as a row
+            e_A = _ruiz_factor(_abs_row_norm(aA * Dr) * E_A)
+            e_G = _ruiz_factor(_abs_row_norm(aG * Dr) * E_G)
             D, E_A, E_G = D * d, E_A * e_A, E_G * e_G
         Dr = D.unsqueeze(-2)
         Qs = Q * D.unsqueeze(-1) * Dr
@@ -135,16 +137,21 @@ class QPProblem:
 
 
 def _well_scaled(aQ: Tensor, aA: Tensor, aG: Tensor) -> bool:
-    """Whether the KKT matrix's row and column ∞-norms all lie in [1/4, 4] (nonzero ones)."""
-    norms = [_col_norm(aQ), _col_norm(aA), _col_norm(aG), inf_norm(aA), inf_norm(aG)]
-    cols = torch.maximum(norms[0], torch.maximum(norms[1], norms[2]))
-    rows = torch.cat([norms[3], norms[4]], -1)
+    """Whether the KKT matrix's row and column ∞-norms all lie in [1/4, 4] (nonzero ones),
+    for the entrywise absolute values ``aQ, aA, aG``."""
+    cols = torch.maximum(_abs_col_norm(aQ), torch.maximum(_abs_col_norm(aA), _abs_col_norm(aG)))
+    rows = torch.cat([_abs_row_norm(aA), _abs_row_norm(aG)], -1)
     return all(bool(((v == 0) | ((v >= 0.25) & (v <= 4))).all()) for v in (cols, rows))
 
 
-def _col_norm(M: Tensor) -> Tensor:
-    """Per-column ∞-norm of ``M (B, r, k)`` → ``(B, k)``."""
-    return M.abs().amax(-2) if M.shape[-2] > 0 else M.new_zeros(M.shape[0], M.shape[-1])
+def _abs_col_norm(aM: Tensor) -> Tensor:
+    """Per-column maximum of the nonnegative ``aM (B, r, k)`` → ``(B, k)`` (0 for ``r = 0``)."""
+    return aM.amax(-2) if aM.shape[-2] > 0 else aM.new_zeros(aM.shape[0], aM.shape[-1])
+
+
+def _abs_row_norm(aM: Tensor) -> Tensor:
+    """Per-row maximum of the nonnegative ``aM (B, r, k)`` → ``(B, r)`` (0 for ``k = 0``)."""
+    return aM.amax(-1) if aM.shape[-1] > 0 else aM.new_zeros(aM.shape[:-1])
 
 
 def _ruiz_factor(norm: Tensor) -> Tensor:
