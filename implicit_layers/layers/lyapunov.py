@@ -69,6 +69,10 @@ class LyapunovLayer(SylvesterTypeLayer):
         return A @ P + P @ A.mT + Q
 
     @staticmethod
+    def pullback(x: tuple[Tensor, ...], P: Tensor, W: Tensor) -> tuple[Tensor, ...]:
+        return -(W @ P.mT + W.mT @ P), -W  # −(Ā, Q̄) of the module docstring
+
+    @staticmethod
     def operands(x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         A, Q = x
         return A, A.mT, -Q
@@ -98,6 +102,11 @@ class DiscreteLyapunovLayer(SylvesterTypeLayer):
     def residual(x: tuple[Tensor, ...], P: Tensor) -> Tensor:
         A, Q = x
         return A @ P @ A.mT - P + Q
+
+    @staticmethod
+    def pullback(x: tuple[Tensor, ...], P: Tensor, W: Tensor) -> tuple[Tensor, ...]:
+        A = x[0]
+        return -(W @ A @ P.mT + W.mT @ A @ P), -W  # −(Ā, Q̄) of the module docstring
 
     @staticmethod
     def operands(x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:

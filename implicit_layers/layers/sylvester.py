@@ -31,6 +31,7 @@ from torch import Tensor
 
 from implicit_layers.checks import check_positive, check_same_dtype_device, check_tensor
 from implicit_layers.core.adjoint import FactorizationAdjoint
+from implicit_layers.core.broadcast import sum_to
 from implicit_layers.core.layer import ImplicitLayer
 from implicit_layers.linalg.base import Factorization
 from implicit_layers.linalg.sylvester import BACKENDS, SylvesterFactorization, factor_sylvester
@@ -119,6 +120,9 @@ class SylvesterTypeLayer(ImplicitLayer):
     b_is_a_transposed = False
     #: ``(inputs, X) ↦ f``, the equation's residual (a static method of each subclass)
     residual: Callable[[tuple[Tensor, ...], Tensor], Tensor]
+    #: ``(inputs, X, W) ↦ (−(∂f/∂input_i)ᵀ W)_i`` in closed form (a static method of each
+    #: subclass; the generic VJP through torch.func cost ~10 % of a backward at n = 200)
+    pullback: Callable[[tuple[Tensor, ...], Tensor, Tensor], tuple[Tensor, ...]]
     #: ``inputs ↦ (A, B, C)`` of ``A X + X B = C`` (a static method of each subclass)
     operands: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]
 
@@ -152,8 +156,16 @@ class SylvesterTypeLayer(ImplicitLayer):
                                else self.names)
         batch = torch.broadcast_shapes(*(t.shape[:-2] for t in inputs))
         y0 = torch.zeros(*batch, A.shape[-1], B.shape[-1], dtype=A.dtype, device=A.device)
+        pullback = self.pullback
+
+        def input_pullback(z, w: Tensor, wanted) -> dict[int, Tensor]:
+            xs, X = z[:len(inputs)], z[len(inputs)]
+            grads = pullback(xs, X, w)
+            return {i: sum_to(grads[i], xs[i].shape) for i in wanted}
+
         X = self._solve(inputs, y0, x_names=self.names, broadcasts=True,
-                        x_event_ndims=(2,) * len(inputs), sample_check=False)
+                        x_event_ndims=(2,) * len(inputs), sample_check=False,
+                        input_pullback=input_pullback)
         forward = self.stats.forward
         self.last_backend = forward.solver if forward is not None else None
         return X
@@ -194,6 +206,11 @@ class SylvesterLayer(SylvesterTypeLayer):
     def residual(x: tuple[Tensor, ...], X: Tensor) -> Tensor:
         A, B, C = x
         return A @ X + X @ B - C
+
+    @staticmethod
+    def pullback(x: tuple[Tensor, ...], X: Tensor, W: Tensor) -> tuple[Tensor, ...]:
+        # ⟨W, Ȧ X + X Ḃ − Ċ⟩ = ⟨W Xᵀ, Ȧ⟩ + ⟨Xᵀ W, Ḃ⟩ − ⟨W, Ċ⟩, negated
+        return -(W @ X.mT), -(X.mT @ W), W
 
     @staticmethod
     def operands(x: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -151,14 +151,22 @@ TRSYL_BLOCK = 64
 
 
 def _trsyl_batched(Sa, Sb, C, trans_a: str, trans_b: str) -> np.ndarray:
-    """``op(Sa) Y + Y op(Sb) = C`` for broadcast batches of quasi-triangular ``Sa, Sb``."""
+    """``op(Sa) Y + Y op(Sb) = C`` for broadcast batches of quasi-triangular ``Sa, Sb``.
+
+    LAPACK ``trsyl`` perturbs pivots below its absolute threshold (the smallest normal
+    number), a false "singular" for tiny data: each sample is solved as
+    ``(Sa/s) Y + Y (Sb/s) = C/s`` with ``s`` the power of two nearest the data's magnitude
+    (an exact scaling: ``Y`` is unchanged), once per sample rather than per block."""
     batch = np.broadcast_shapes(Sa.shape[:-2], Sb.shape[:-2], C.shape[:-2])
     Sa = np.broadcast_to(Sa, batch + Sa.shape[-2:])
     Sb = np.broadcast_to(Sb, batch + Sb.shape[-2:])
     C = np.broadcast_to(C, batch + C.shape[-2:])
     Y = np.empty(C.shape, dtype=C.dtype)
     for idx in np.ndindex(batch):
-        Y[idx] = _trsyl_recursive(Sa[idx], Sb[idx], C[idx], trans_a == "T", trans_b == "T")
+        top = max(np.abs(Sa[idx]).max(initial=0.0), np.abs(Sb[idx]).max(initial=0.0))
+        s = float(2.0 ** np.round(np.log2(top))) if 0.0 < top < np.inf else 1.0
+        a, b, c = (Sa[idx], Sb[idx], C[idx]) if s == 1.0 else (Sa[idx] / s, Sb[idx] / s, C[idx] / s)
+        Y[idx] = _trsyl_recursive(a, b, c, trans_a == "T", trans_b == "T")
     return Y
 
 
@@ -202,13 +210,7 @@ def _trsyl_recursive(Sa, Sb, C, ta: bool, tb: bool) -> np.ndarray:
 
 def _trsyl_base(Sa, Sb, C, ta: bool, tb: bool) -> np.ndarray:
     (trsyl,) = get_lapack_funcs(("trsyl",), (C,))
-    # trsyl perturbs pivots below its absolute threshold (the smallest normal number), a false
-    # "singular" for tiny data: solve (Sa/s) Y + Y (Sb/s) = C/s, s the power of two nearest
-    # the data's magnitude (an exact scaling; Y is unchanged)
-    top = max(np.abs(Sa).max(initial=0.0), np.abs(Sb).max(initial=0.0))
-    s = float(2.0 ** np.round(np.log2(top))) if 0.0 < top < np.inf else 1.0
-    y, scale, info = trsyl(Sa / s, Sb / s, C / s, trana="T" if ta else "N",
-                           tranb="T" if tb else "N")
+    y, scale, info = trsyl(Sa, Sb, C, trana="T" if ta else "N", tranb="T" if tb else "N")
     if info < 0:
         raise ValueError(f"LAPACK trsyl rejected argument {-info}")
     if info == 1:
