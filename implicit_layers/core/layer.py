@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from implicit_layers.checks import check_policy, check_same_dtype_device, check_tensor
-from implicit_layers.compat import compiler_disable, parameter_slots, swapped_parameters
+from implicit_layers.compat import compiler_disable, module_parameters, parameter_slots, swapped_parameters
 from implicit_layers.core.adjoint import Adjoint, DirectAdjoint
 from implicit_layers.core.implicit import ImplicitFunction
 from implicit_layers.core.independence import SampleCheck
@@ -141,7 +141,7 @@ class ImplicitLayer(nn.Module):
             y0 = self.init(x)
         check_tensor(self._y0_name(), y0, min_ndim=self.event_ndim, finite=False)
         check_same_dtype_device({self._y0_name(): y0, **dict(zip(names, xs))})
-        params = tuple(p for p in self.fn.parameters() if p.requires_grad)
+        params = tuple(p for p in module_parameters(self.fn) if p.requires_grad)
         return self._solve(xs, y0, params, packed=packed, x_names=names)
 
     def _y0_name(self) -> str:
