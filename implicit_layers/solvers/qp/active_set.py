@@ -262,9 +262,7 @@ def derivative_and_polish(problem: QPProblem, sol: QPSolution, slack_u: Tensor, 
     status = torch.where((status == QPStatus.SOLVED) & ~meets, QPStatus.MAX_ITER, status)
     status = torch.where((status == QPStatus.MAX_ITER) & meets, QPStatus.SOLVED, status)
     status = torch.where((status == QPStatus.SOLVED) & ~fac.ok, QPStatus.NUMERICAL, status)
-    solved = status == QPStatus.SOLVED
-    sol.stats.converged = solved
-    sol.stats.extra["status"] = status
+    solved = _record_status(sol.stats, status)
     sol.stats.residual = torch.where(solved, residual, sol.stats.residual)
     weak = _weakly_active(problem, x, mu, upper, lower, scaling, tol)
     sol.stats.extra["degenerate"] = (weak | fac.singular) & solved
@@ -285,11 +283,19 @@ def narrowed(problem: QPProblem, sol: QPSolution, tol: float) -> QPSolution:
     bad = (out.status == QPStatus.SOLVED) & ~(res <= tol)
     if bool(bad.any()):
         out.status = torch.where(bad, QPStatus.NUMERICAL, out.status)
-        out.stats.converged = out.status == QPStatus.SOLVED
-        out.stats.extra["status"] = out.status
+        _record_status(out.stats, out.status)
+        out.stats.residual = torch.where(bad, res.to(out.stats.residual.dtype), out.stats.residual)
         if out.derivative is not None:
             out.derivative.ok = out.derivative.ok & ~bad
     return out
+
+
+def _record_status(stats, status: Tensor) -> Tensor:
+    """Write the per-sample ``status`` into the solve's stats; returns the SOLVED mask."""
+    solved = status == QPStatus.SOLVED
+    stats.converged = solved
+    stats.extra["status"] = status
+    return solved
 
 
 #: primal-dual active-set corrections tried when polishing the solver's active set fails
